@@ -1,0 +1,1 @@
+"""Throughput scripts: `python -m benchmarks.NAME` prints one JSON line per measurement."""

@@ -1,0 +1,263 @@
+"""HalfCheetah with per-agent mass and damping scales, on MuJoCo MJX.
+
+The physics is gym's `half_cheetah.xml`, loaded from the installed gymnasium
+package (not copied here): timestep 0.01 s, 5 substeps per environment step,
+so one step lasts dt = 0.05 s. It is simulated by MJX, MuJoCo's own
+reimplementation of its pipeline in JAX (collision, the Newton constraint
+solver and Euler integration are JAX code, not calls into the C library), so
+`step` is jittable and `jax.vmap(env.step)` steps many cheetahs at once.
+
+Choices, after the authors' code (`reference/original-code.md` 1.3):
+
+- Heterogeneity: agent (mass_scale m, damping_scale d) multiplies the mass of
+  every body by m and the damping of every dof by d. Nothing else changes:
+  the inertias stay those of the default model and no constants are
+  recomputed (no `mj_setConst`), as the authors' code writes
+  `model.body_mass` directly. The per-agent `mjx.Model` is built inside the
+  step from the params, so vmapping over params vmaps the model.
+- Observation (18,): obs[0] is the torso x-velocity as a finite difference
+  of rootx over the environment step (0 at reset); obs[1:9] = qpos[1:9];
+  obs[9:18] = qvel[0:9]. The torso x-position is not observed.
+- Reward: next_obs[0] - ctrl_cost_weight * sum(action**2) with the weight 0.1
+  of the authors' code (the paper's text says 0.05; pass `ctrl_cost_weight`).
+  The action is clipped to [-1, 1] first, as MuJoCo clamps ctrl to its
+  ctrlrange; the cost is charged on the applied action.
+- Reset: qpos and qvel are the model's initial ones plus N(0, 0.001^2) noise
+  on all 9 entries (the authors' noise, not gym's).
+- Episodes last 1000 steps (paper, Table 8) and never terminate early.
+
+The whole `mjx.Data` is kept in the state, so the solver's warm start
+(`qacc_warmstart`) carries over from step to step as in the C simulator.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import warnings
+from typing import Any
+
+import gymnasium
+import jax
+import jax.numpy as jnp
+import mujoco
+from flax import struct
+from gymnax.environments import spaces
+from mujoco import mjx
+
+from envs.agents import AgentSpec
+from envs.base import HeterogeneousEnv
+
+MODEL_PATH = os.path.join(os.path.dirname(gymnasium.__file__), "envs/mujoco/assets/half_cheetah.xml")
+FRAME_SKIP = 5
+RESET_NOISE_SCALE = 0.001
+CTRL_COST_WEIGHT = 0.1
+
+AGENTS = AgentSpec(
+    names=("mass_scale", "damping_scale"),
+    low=(0.2, 0.2),
+    high=(1.8, 1.8),
+    test_agents=((0.3, 1.7), (1.7, 0.3), (0.3, 0.3), (1.7, 1.7), (1.0, 1.0)),
+    policy_training_agents=((0.6, 1.4), (1.4, 0.6), (0.6, 0.6), (1.4, 1.4)),
+    default=(1.0, 1.0),
+)
+
+
+@struct.dataclass
+class EnvParams:
+    """One agent's physics; every leaf has shape () or, for a batch, (N,)."""
+
+    mass_scale: Any = 1.0
+    damping_scale: Any = 1.0
+    max_steps_in_episode: Any = 1000
+
+
+@struct.dataclass
+class EnvState:
+    """Simulator state.
+
+    Attributes:
+      data: the full `mjx.Data` (qpos (9,), qvel (9,), the solver's warm
+        start, ...).
+      x_velocity: () finite-difference rootx velocity over the last
+        environment step; 0 after a reset. It is obs[0].
+      time: () number of environment steps since the reset.
+    """
+
+    data: mjx.Data
+    x_velocity: jax.Array
+    time: jax.Array
+
+
+def load_mj_model() -> mujoco.MjModel:
+    """Compiles gym's half_cheetah.xml into a fresh `mujoco.MjModel`.
+
+    The file's `settotalmass` attribute makes MuJoCo warn that it is
+    deprecated; it still gives gym's (and the authors') masses, so that one
+    warning is dropped and any other is passed on as a Python warning.
+    """
+    messages: list[str] = []
+    previous = mujoco.get_mju_user_warning()
+    mujoco.set_mju_user_warning(messages.append)
+    try:
+        model = mujoco.MjModel.from_xml_path(MODEL_PATH)
+    finally:
+        mujoco.set_mju_user_warning(previous)
+    for message in messages:
+        if "settotalmass" not in message:
+            warnings.warn(f"MuJoCo: {message}", stacklevel=2)
+    return model
+
+
+class HalfCheetah(HeterogeneousEnv):
+    """gym's HalfCheetah (MJX) with per-agent body-mass and dof-damping scales.
+
+    Observation (18,): finite-difference torso x-velocity, qpos[1:9],
+    qvel[0:9]. Action (6,) in [-1, 1]: torques of bthigh, bshin, bfoot,
+    fthigh, fshin, ffoot (times the actuator gears). Episode cap 1000 steps.
+
+    Attributes:
+      mj_model: the default agent's `mujoco.MjModel` (C); see `c_model_for`.
+      mjx_model: the default agent's `mjx.Model`; see `model_for`.
+      ctrl_cost_weight: weight of the squared-action cost in the reward.
+    """
+
+    agents = AGENTS
+    max_episode_steps = 1000
+    obs_dim = 18
+    action_dim = 6
+    discrete_actions = False
+
+    def __init__(self, ctrl_cost_weight: float = CTRL_COST_WEIGHT):
+        super().__init__()
+        self.ctrl_cost_weight = float(ctrl_cost_weight)
+        self.mj_model = load_mj_model()
+        # impl="jax": MJX's JAX pipeline, which runs on CPU and under vmap.
+        # The arrays take the dtype in force now (float64 under jax_enable_x64).
+        self.mjx_model = mjx.put_model(self.mj_model, impl="jax")
+        self.frame_skip = FRAME_SKIP
+
+    # -- physics --------------------------------------------------------------
+
+    @property
+    def dt(self) -> float:
+        """Duration of one environment step in seconds (0.05)."""
+        return float(self.mj_model.opt.timestep) * self.frame_skip
+
+    def model_for(self, params: EnvParams) -> mjx.Model:
+        """The `mjx.Model` of the agent `params` (leaves of shape ()).
+
+        Under `vmap` over params the result is a batched model: each agent
+        steps its own physics in one vectorised call.
+        """
+        base = self.mjx_model
+        return base.replace(
+            body_mass=base.body_mass * params.mass_scale,
+            dof_damping=base.dof_damping * params.damping_scale,
+        )
+
+    def c_model_for(self, mass_scale: float, damping_scale: float) -> mujoco.MjModel:
+        """A copy of the C `mujoco.MjModel` scaled as `model_for` scales the
+        MJX one (for `mujoco.mj_step` references)."""
+        model = copy.copy(self.mj_model)
+        model.body_mass[:] = self.mj_model.body_mass * mass_scale
+        model.dof_damping[:] = self.mj_model.dof_damping * damping_scale
+        return model
+
+    def _params_from_covariates(self, covariates):
+        return EnvParams(
+            mass_scale=covariates[..., 0],
+            damping_scale=covariates[..., 1],
+            max_steps_in_episode=self.max_episode_steps,
+        )
+
+    # -- gymnax API -----------------------------------------------------------
+
+    def step_env(self, key, state, action, params):
+        """One environment step (5 MuJoCo substeps) of one agent.
+
+        Args:
+          key: unused (the dynamics are deterministic).
+          state: `EnvState`.
+          action: (6,) torques; clipped to [-1, 1].
+          params: `EnvParams` with leaves of shape ().
+
+        Returns:
+          next_obs (18,), next_state, reward (), terminated () (always False),
+          info with `discount` ().
+        """
+        del key
+        model = self.model_for(params)
+        dtype = state.data.ctrl.dtype
+        action = jnp.clip(jnp.asarray(action, dtype), -1.0, 1.0)
+        obs = self.get_obs(state)
+        data = state.data.replace(ctrl=action)
+        x_before = data.qpos[0]
+        data = jax.lax.fori_loop(0, self.frame_skip, lambda _, d: mjx.step(model, d), data)
+        next_state = EnvState(
+            data=data,
+            x_velocity=(data.qpos[0] - x_before) / self.dt,
+            time=state.time + 1,
+        )
+        next_obs = self.get_obs(next_state)
+        reward = self.reward(obs, action, next_obs)
+        terminated = self.is_terminated(next_state, params)
+        return next_obs, next_state, reward, terminated, {"discount": self.discount(next_state, params)}
+
+    def reset_env(self, key, params):
+        """Returns the initial obs (18,) and state of the agent `params`:
+        qpos, qvel = the model's initial ones + N(0, 0.001^2) each."""
+        model = self.model_for(params)
+        key_qpos, key_qvel = jax.random.split(key)
+        data = mjx.make_data(model)
+        noise_qpos = RESET_NOISE_SCALE * jax.random.normal(key_qpos, data.qpos.shape, data.qpos.dtype)
+        noise_qvel = RESET_NOISE_SCALE * jax.random.normal(key_qvel, data.qvel.shape, data.qvel.dtype)
+        data = data.replace(
+            qpos=jnp.asarray(self.mj_model.qpos0, data.qpos.dtype) + noise_qpos,
+            qvel=data.qvel + noise_qvel,
+        )
+        # Positions and velocities are all the step needs; the forward pass
+        # fills the derived quantities (body poses, ...) for anyone reading
+        # `state.data`, as gym's set_state calls mj_forward.
+        data = mjx.forward(model, data)
+        state = EnvState(data=data, x_velocity=jnp.zeros((), data.qpos.dtype), time=jnp.zeros((), jnp.int32))
+        return self.get_obs(state), state
+
+    def get_obs(self, state, params=None, key=None):
+        """(18,) observation of `state`."""
+        del params, key
+        qpos, qvel = state.data.qpos, state.data.qvel
+        return jnp.concatenate([state.x_velocity[None], qpos[1:], qvel])
+
+    def is_terminated(self, state, params):
+        """HalfCheetah never terminates early: () False."""
+        del state, params
+        return jnp.array(False)
+
+    # -- known reward and termination -----------------------------------------
+
+    def reward(self, obs, action, next_obs):
+        """(...) forward velocity minus control cost of obs (..., 18)
+        --action (..., 6)--> next_obs (..., 18)."""
+        del obs
+        return next_obs[..., 0] - self.ctrl_cost_weight * jnp.sum(jnp.square(action), axis=-1)
+
+    def terminated(self, next_obs):
+        """(...) all False for next_obs (..., 18): no early termination."""
+        return jnp.zeros(jnp.shape(next_obs)[:-1], bool)
+
+    # -- spaces ---------------------------------------------------------------
+
+    @property
+    def name(self) -> str:
+        return "halfcheetah"
+
+    @property
+    def num_actions(self) -> int:
+        return self.action_dim
+
+    def action_space(self, params=None) -> spaces.Box:
+        return spaces.Box(-1.0, 1.0, (self.action_dim,), jnp.float32)
+
+    def observation_space(self, params=None) -> spaces.Box:
+        return spaces.Box(-jnp.inf, jnp.inf, (self.obs_dim,), jnp.float32)
