@@ -1,3 +1,38 @@
 """persim-jax: personalised simulators for offline RL with heterogeneous agents (PerSim, in JAX)."""
 
 __version__ = "0.1.0"
+
+from persim_jax.data import (
+    Transitions,
+    from_long_format,
+    from_rollouts,
+    load_csv,
+    load_npz,
+    load_parquet,
+    make_transitions,
+    save_csv,
+    save_npz,
+    validate_transitions,
+)
+from persim_jax.model import ModelConfig, NormStats, Simulator, paper_sizes
+from persim_jax.train import EpochMetrics, fit, validation_split
+
+__all__ = [
+    "EpochMetrics",
+    "ModelConfig",
+    "NormStats",
+    "Simulator",
+    "Transitions",
+    "fit",
+    "from_long_format",
+    "from_rollouts",
+    "load_csv",
+    "load_npz",
+    "load_parquet",
+    "make_transitions",
+    "paper_sizes",
+    "save_csv",
+    "save_npz",
+    "validate_transitions",
+    "validation_split",
+]

@@ -1,0 +1,473 @@
+"""The factorised personalised simulator of PerSim (section 5, appendix D.1).
+
+For agent n, state s and action a, the change of state coordinate d is
+
+    Δŝ_d = Σ_ℓ u_ℓ(n) · v_ℓ(s, d) · w_ℓ(a),        ℓ = 1..r          (paper, §5)
+
+with three networks that share no edges:
+  * agent encoder g_u: one linear layer on the one-hot agent id -> r;
+  * state encoder g_v: an MLP -> D×r (reshaped row-major to (D, r), as the
+    authors' code);
+  * action encoder g_w: one linear layer on the one-hot action (discrete) or an
+    MLP (continuous) -> r.
+The next state is s + Δŝ.
+
+Inputs (state, continuous action) and the Δ targets are standardised with
+training-set statistics (`NormStats`); the network works in that standardised
+space and `predict_next_obs` maps back to raw units.
+
+Initialisation follows PyTorch's `nn.Linear` default, as the authors' code:
+kernel and bias ~ U(±1/√fan_in). A one-hot linear layer is computed as a row
+lookup `kernel[index] + bias`, which is the same function (and gradient) as a
+dense layer applied to the one-hot vector, without the N-wide matmul.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import serialization, struct
+
+Params = Any
+
+# Smallest standard deviation used to standardise a dimension: a constant
+# dimension (std 0) is then centred but not blown up.
+STD_EPS = 1e-6
+
+# The paper's sizes (appendix D.1): rank chosen by validation, state encoder
+# hidden layers, action encoder hidden layers (continuous actions only).
+PAPER_SIZES = {
+    "mountaincar": dict(rank=3, state_hidden=(256,), action_hidden=()),
+    "cartpole": dict(rank=5, state_hidden=(256,), action_hidden=()),
+    "halfcheetah": dict(rank=20, state_hidden=(256, 512, 512), action_hidden=(256, 256)),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Static description of the network (hashable: a jit static argument).
+
+    Attributes:
+      num_agents: N, the size of the agent one-hot.
+      obs_dim: D, the state dimension.
+      rank: r, the number of latent factors.
+      num_actions: number of discrete actions, or None for continuous actions.
+      action_dim: A, the continuous action dimension (None when discrete).
+      state_hidden: hidden layer sizes of the state encoder.
+      action_hidden: hidden layer sizes of the continuous action encoder
+        (ignored for discrete actions: one linear layer on the one-hot, as the
+        paper).
+    """
+
+    num_agents: int
+    obs_dim: int
+    rank: int
+    num_actions: int | None = None
+    action_dim: int | None = None
+    state_hidden: tuple[int, ...] = (256,)
+    action_hidden: tuple[int, ...] = (256, 256)
+
+    def __post_init__(self):
+        # Lists from JSON become tuples so that the config stays hashable.
+        object.__setattr__(self, "state_hidden", tuple(int(h) for h in self.state_hidden))
+        object.__setattr__(self, "action_hidden", tuple(int(h) for h in self.action_hidden))
+        for name in ("num_agents", "obs_dim", "rank"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, np.integer)) or value < 1:
+                raise ValueError(f"{name}: must be a positive integer; got {value!r}")
+        if (self.num_actions is None) == (self.action_dim is None):
+            raise ValueError(
+                f"num_actions / action_dim: give exactly one (discrete: num_actions, "
+                f"continuous: action_dim); got num_actions={self.num_actions}, "
+                f"action_dim={self.action_dim}")
+        for name in ("num_actions", "action_dim"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, (int, np.integer)) or value < 1):
+                raise ValueError(f"{name}: must be a positive integer; got {value!r}")
+        if any(h < 1 for h in (*self.state_hidden, *self.action_hidden)):
+            raise ValueError(f"state_hidden / action_hidden: sizes must be positive; got "
+                             f"{self.state_hidden} / {self.action_hidden}")
+
+    @property
+    def discrete(self) -> bool:
+        return self.num_actions is not None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def paper_sizes(env_name: str) -> dict[str, Any]:
+    """The paper's rank and hidden sizes for `env_name` (appendix D.1), as
+    keyword arguments for `ModelConfig` or `train.fit`."""
+    try:
+        return dict(PAPER_SIZES[env_name.lower()])
+    except KeyError:
+        raise ValueError(f"env_name: unknown {env_name!r}; known: {sorted(PAPER_SIZES)}") from None
+
+
+# ---------------------------------------------------------------------------
+# Layers
+
+
+def _torch_uniform(fan_in: int):
+    """U(±1/√fan_in), PyTorch's nn.Linear default for both kernel and bias."""
+    bound = 1.0 / np.sqrt(fan_in)
+
+    def init(key, shape, dtype=jnp.float32):
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+    return init
+
+
+class Linear(nn.Module):
+    """y = x W + b with PyTorch's default initialisation."""
+
+    features: int
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        fan_in = x.shape[-1]
+        kernel = self.param("kernel", _torch_uniform(fan_in), (fan_in, self.features))
+        bias = self.param("bias", _torch_uniform(fan_in), (self.features,))
+        return x @ kernel + bias
+
+
+class OneHotLinear(nn.Module):
+    """A linear layer on one_hot(index, num_classes), as a row lookup.
+
+    `kernel[index] + bias` equals `one_hot(index) @ kernel + bias`; the bias is
+    shared by all classes.
+    """
+
+    num_classes: int
+    features: int
+
+    @nn.compact
+    def __call__(self, index: jax.Array) -> jax.Array:
+        init = _torch_uniform(self.num_classes)
+        kernel = self.param("kernel", init, (self.num_classes, self.features))
+        bias = self.param("bias", init, (self.features,))
+        return jnp.take(kernel, index, axis=0) + bias
+
+
+class MLP(nn.Module):
+    """ReLU hidden layers, linear output."""
+
+    hidden: tuple[int, ...]
+    features: int
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        for i, size in enumerate(self.hidden):
+            x = nn.relu(Linear(size, name=f"hidden_{i}")(x))
+        return Linear(self.features, name="output")(x)
+
+
+class PerSimNet(nn.Module):
+    """Standardised (agent, state, action) -> standardised Δ state.
+
+    Call with agent_id (...) int, obs (..., D) standardised, and action (...)
+    int (discrete) or (..., A) standardised (continuous); returns (..., D).
+    Leading batch dimensions broadcast against each other.
+    """
+
+    config: ModelConfig
+
+    def setup(self):
+        c = self.config
+        self.agent_encoder = OneHotLinear(c.num_agents, c.rank)
+        self.state_encoder = MLP(c.state_hidden, c.obs_dim * c.rank)
+        if c.discrete:
+            self.action_encoder = OneHotLinear(c.num_actions, c.rank)
+        else:
+            self.action_encoder = MLP(c.action_hidden, c.rank)
+
+    def __call__(self, agent_id: jax.Array, obs: jax.Array, action: jax.Array) -> jax.Array:
+        c = self.config
+        u = self.agent_encoder(agent_id)                                   # (..., r)
+        v = self.state_encoder(obs)                                        # (..., D·r)
+        v = v.reshape(*v.shape[:-1], c.obs_dim, c.rank)                    # (..., D, r)
+        w = self.action_encoder(action)                                    # (..., r)
+        # Δŝ_d = Σ_ℓ u_ℓ(n) v_ℓ(s, d) w_ℓ(a)   (paper, §5)
+        return jnp.sum((u * w)[..., None, :] * v, axis=-1)
+
+    def agent_factors(self) -> jax.Array:
+        """(N, r) u(n) for every agent: embedding row plus the shared bias."""
+        return self.agent_encoder(jnp.arange(self.config.num_agents))
+
+
+def init_params(key: jax.Array, config: ModelConfig) -> Params:
+    """Parameters of one network (no ensemble axis)."""
+    agent = jnp.zeros((), jnp.int32)
+    obs = jnp.zeros((config.obs_dim,), jnp.float32)
+    action = (jnp.zeros((), jnp.int32) if config.discrete
+              else jnp.zeros((config.action_dim,), jnp.float32))
+    return PerSimNet(config).init(key, agent, obs, action)["params"]
+
+
+def apply(params: Params, config: ModelConfig, agent_id, obs_z, action_in) -> jax.Array:
+    """Standardised Δ prediction of one network; see `PerSimNet`."""
+    return PerSimNet(config).apply({"params": params}, agent_id, obs_z, action_in)
+
+
+def agent_factors(params: Params, config: ModelConfig) -> jax.Array:
+    """(N, r) agent factors of one network."""
+    return PerSimNet(config).apply({"params": params}, method=PerSimNet.agent_factors)
+
+
+# ---------------------------------------------------------------------------
+# Normalisation
+
+
+@struct.dataclass
+class NormStats:
+    """Standardisation statistics, computed on the training split.
+
+    Attributes:
+      obs_mean, obs_std: (D,) of the input states.
+      delta_mean, delta_std: (D,) of the targets next_obs - obs.
+      action_mean, action_std: (A,) of continuous actions; (0,) when discrete
+        (one-hot actions are not standardised).
+    Standard deviations are population (ddof 0) and floored at `STD_EPS`.
+    """
+
+    obs_mean: jax.Array
+    obs_std: jax.Array
+    delta_mean: jax.Array
+    delta_std: jax.Array
+    action_mean: jax.Array
+    action_std: jax.Array
+
+    def normalize_obs(self, obs):
+        return (obs - self.obs_mean) / self.obs_std
+
+    def normalize_delta(self, delta):
+        return (delta - self.delta_mean) / self.delta_std
+
+    def denormalize_delta(self, delta_z):
+        return delta_z * self.delta_std + self.delta_mean
+
+    def action_input(self, action, discrete: bool):
+        """What the action encoder takes: the integer action, or the
+        standardised continuous action."""
+        if discrete:
+            return jnp.asarray(action).astype(jnp.int32)
+        return (action - self.action_mean) / self.action_std
+
+
+def compute_stats(obs, action, next_obs, *, discrete: bool) -> NormStats:
+    """Statistics of (T, D) obs, (T,) / (T, A) actions and (T, D) next_obs."""
+    obs = jnp.asarray(obs, jnp.float32)
+    delta = jnp.asarray(next_obs, jnp.float32) - obs
+
+    def mean_std(x):
+        return jnp.mean(x, axis=0), jnp.maximum(jnp.std(x, axis=0), STD_EPS)
+
+    obs_mean, obs_std = mean_std(obs)
+    delta_mean, delta_std = mean_std(delta)
+    if discrete:
+        action_mean = action_std = jnp.zeros((0,), jnp.float32)
+    else:
+        action_mean, action_std = mean_std(jnp.asarray(action, jnp.float32))
+    return NormStats(obs_mean, obs_std, delta_mean, delta_std, action_mean, action_std)
+
+
+def identity_stats(obs_dim: int, action_dim: int | None = None) -> NormStats:
+    """Statistics that leave inputs and targets unchanged (no standardisation)."""
+    a = 0 if action_dim is None else action_dim
+    zeros, ones = jnp.zeros((obs_dim,)), jnp.ones((obs_dim,))
+    return NormStats(zeros, ones, zeros, ones, jnp.zeros((a,)), jnp.ones((a,)))
+
+
+def predict_next_obs(params: Params, stats: NormStats, config: ModelConfig,
+                     agent_id, obs, action) -> jax.Array:
+    """Next state of one network in raw units: obs + Δŝ.
+
+    Args:
+      agent_id: (...) int agent ids.
+      obs: (..., D) raw states.
+      action: (...) int or (..., A) float raw actions.
+
+    Returns:
+      (..., D) next states (leading dims broadcast).
+    """
+    delta_z = apply(params, config, agent_id, stats.normalize_obs(obs),
+                    stats.action_input(action, config.discrete))
+    return obs + stats.denormalize_delta(delta_z)
+
+
+def count_params(params: Params) -> int:
+    return int(sum(np.prod(np.shape(x)) for x in jax.tree.leaves(params)))
+
+
+# ---------------------------------------------------------------------------
+# The ensemble of personalised simulators
+
+SIMULATOR_FORMAT = "persim-jax-simulator"
+SIMULATOR_VERSION = 1
+
+
+@struct.dataclass
+class Simulator:
+    """An ensemble of M personalised simulators of N agents.
+
+    A pytree: every method is a pure function of it, jittable and vmappable
+    over agents and batches (`jax.jit(Simulator.predict)(sim, ...)`).
+
+    Attributes:
+      params: network parameters with a leading ensemble axis M on every leaf.
+      stats: standardisation statistics (shared by the members).
+      validation_loss: (M,) best validation MSE (standardised Δ) of each member,
+        NaN when trained without validation.
+      config: the network's static configuration.
+      rank_losses: with `rank="auto"`, ((rank, mean validation loss), ...) of
+        every candidate rank; else None.
+      agent_keys: original ids of agents 0..N-1 when the data's ids were
+        mapped (see `data.Transitions.agent_keys`); else None.
+    """
+
+    params: Params
+    stats: NormStats
+    validation_loss: jax.Array
+    config: ModelConfig = struct.field(pytree_node=False)
+    rank_losses: tuple | None = struct.field(pytree_node=False, default=None)
+    agent_keys: tuple | None = struct.field(pytree_node=False, default=None)
+
+    @property
+    def ensemble_size(self) -> int:
+        return int(jax.tree.leaves(self.params)[0].shape[0])
+
+    @property
+    def num_agents(self) -> int:
+        return self.config.num_agents
+
+    @property
+    def obs_dim(self) -> int:
+        return self.config.obs_dim
+
+    @property
+    def rank(self) -> int:
+        return self.config.rank
+
+    def predict(self, agent_id, obs, action) -> jax.Array:
+        """Next states predicted by every member from the same input.
+
+        Args:
+          agent_id: () or (...) int agent index in 0..N-1.
+          obs: (D,) or (..., D) raw state.
+          action: () / (...) int, or (A,) / (..., A) float raw action.
+
+        Returns:
+          (M, D) next states, or (M, ..., D) with broadcast batch dims.
+        """
+        return jax.vmap(predict_next_obs, in_axes=(0, None, None, None, None, None))(
+            self.params, self.stats, self.config, agent_id, obs, action)
+
+    def predict_members(self, agent_id, obs, action) -> jax.Array:
+        """Member m predicts from its own state obs[m].
+
+        Args:
+          agent_id: () or (...) int.
+          obs: (M, D) or (M, ..., D) one state per member.
+          action: () / (...) int or (A,) / (..., A) float, shared by members.
+
+        Returns:
+          (M, D) or (M, ..., D) next states.
+        """
+        return jax.vmap(predict_next_obs, in_axes=(0, None, None, None, 0, None))(
+            self.params, self.stats, self.config, agent_id, obs, action)
+
+    def rollout(self, agent_id, obs0, actions) -> jax.Array:
+        """Open-loop rollout: every member propagates its own predicted state.
+
+        Args:
+          agent_id: () or (...) int.
+          obs0: (D,) or (..., D) initial raw state.
+          actions: (H,) int / (H, A) float, or (H, ...) / (H, ..., A) batched.
+
+        Returns:
+          (M, H, D) or (M, H, ..., D): ŝ_1..ŝ_H, with ŝ_{t+1} = f_m(ŝ_t, a_t).
+        """
+        obs0 = jnp.asarray(obs0, jnp.float32)
+        start = jnp.broadcast_to(obs0, (self.ensemble_size, *obs0.shape))
+
+        def step(obs, action):
+            next_obs = self.predict_members(agent_id, obs, action)
+            return next_obs, next_obs
+
+        _, trajectory = jax.lax.scan(step, start, actions)     # (H, M, ..., D)
+        return jnp.moveaxis(trajectory, 0, 1)
+
+    def agent_factors(self, member: int | None = 0) -> jax.Array:
+        """Latent agent factors u(n) = one-hot(n) W + b.
+
+        Args:
+          member: which ensemble member; None for all.
+
+        Returns:
+          (N, r) for one member, (M, N, r) for member=None.
+        """
+        factors = jax.vmap(agent_factors, in_axes=(0, None))(self.params, self.config)
+        return factors if member is None else factors[member]
+
+    def agent_index(self, key) -> int:
+        """Index 0..N-1 of the agent whose original id is `key`."""
+        if self.agent_keys is None:
+            index = int(key)
+            if not 0 <= index < self.num_agents:
+                raise ValueError(f"agent_id: {key!r} outside 0..{self.num_agents - 1}")
+            return index
+        try:
+            return self.agent_keys.index(key)
+        except ValueError:
+            raise ValueError(f"agent_id: {key!r} is not one of the {self.num_agents} agent "
+                             f"ids") from None
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Writes the simulator to one file (msgpack), atomically."""
+        from persim_jax.data import atomic_write  # data does not import model
+
+        payload = {
+            "format": SIMULATOR_FORMAT,
+            "version": SIMULATOR_VERSION,
+            "config": json.dumps(self.config.to_dict()),
+            "rank_losses": json.dumps(None if self.rank_losses is None
+                                      else [list(x) for x in self.rank_losses]),
+            "agent_keys": json.dumps(None if self.agent_keys is None else list(self.agent_keys)),
+            "params": jax.tree.map(np.asarray, serialization.to_state_dict(self.params)),
+            "stats": jax.tree.map(np.asarray, serialization.to_state_dict(self.stats)),
+            "validation_loss": np.asarray(self.validation_loss),
+        }
+        data = serialization.msgpack_serialize(payload)
+        with atomic_write(path) as handle:
+            handle.write(data)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "Simulator":
+        """Reads a simulator written by `save`."""
+        with open(path, "rb") as handle:
+            payload = serialization.msgpack_restore(handle.read())
+        if payload.get("format") != SIMULATOR_FORMAT:
+            raise ValueError(f"{os.fspath(path)}: not a persim-jax simulator file")
+        if payload.get("version") != SIMULATOR_VERSION:
+            raise ValueError(f"{os.fspath(path)}: version {payload.get('version')}, expected "
+                             f"{SIMULATOR_VERSION}")
+        config = ModelConfig(**json.loads(payload["config"]))
+        rank_losses = json.loads(payload["rank_losses"])
+        agent_keys = json.loads(payload["agent_keys"])
+        template = jax.eval_shape(lambda: init_params(jax.random.PRNGKey(0), config))
+        params = serialization.from_state_dict(template, payload["params"])
+        params = jax.tree.map(jnp.asarray, params)
+        stats = NormStats(**{k: jnp.asarray(v) for k, v in payload["stats"].items()})
+        return cls(params=params, stats=stats,
+                   validation_loss=jnp.asarray(payload["validation_loss"]), config=config,
+                   rank_losses=None if rank_losses is None else tuple(
+                       (int(r), float(v)) for r, v in rank_losses),
+                   agent_keys=None if agent_keys is None else tuple(agent_keys))

@@ -1,0 +1,482 @@
+"""Training an ensemble of personalised simulators (paper, Algorithm 1).
+
+`fit` trains M ensemble members, which differ only in initialisation and batch
+order, as one vmapped program: an epoch is one jitted call in which every
+member runs a `lax.scan` over its own shuffled minibatches, then all members
+are scored on the held-out transitions. Python only loops over epochs, where
+progress is reported and checkpoints are written.
+
+Randomness: `key` is split into (split, init, shuffle) keys. The split key
+draws the validation transitions (`validation_split`); the init key gives one
+key per member; the shuffle key of epoch e is `fold_in(shuffle, e)`, split
+into one key per member. A run resumed from a checkpoint at epoch e therefore
+replays exactly the same computation as an uninterrupted one.
+
+Loss: MSE on standardised Δ targets, mean over batch and dimensions (the
+authors' loss). Optimiser: Adam (optax). The last partial minibatch of each
+epoch is dropped; the permutation changes every epoch, so every transition is
+used.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import math
+import os
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import struct
+from tqdm.auto import tqdm
+
+from persim_jax import model as model_lib
+from persim_jax.data import Transitions, validate_transitions
+from persim_jax.model import ModelConfig, NormStats, Simulator
+
+RANK_CANDIDATES = (3, 5, 10, 15, 20, 30)
+CHECKPOINT_FORMAT = 1
+# Validation transitions are scored in chunks of this many, so that a large
+# held-out set (e.g. 100k HalfCheetah transitions × 5 members) fits in memory.
+VALIDATION_CHUNK = 8192
+
+
+@struct.dataclass
+class TrainState:
+    """Everything an epoch updates; every leaf has a leading ensemble axis M.
+
+    Attributes:
+      params: current parameters.
+      opt_state: Adam state.
+      best_params: parameters of each member at its best validation loss.
+      best_loss: (M,) best validation loss so far (+inf before the first).
+    """
+
+    params: Any
+    opt_state: Any
+    best_params: Any
+    best_loss: jax.Array
+
+
+@struct.dataclass
+class Batch:
+    """Model inputs and targets, already standardised.
+
+    Attributes:
+      agent_id: (T,) int32.
+      obs: (T, D) standardised states.
+      action: (T,) int32 or (T, A) standardised continuous actions.
+      target: (T, D) standardised Δ = next_obs - obs.
+      weight: (T,) 1 for real rows, 0 for padding (validation chunks).
+    """
+
+    agent_id: jax.Array
+    obs: jax.Array
+    action: jax.Array
+    target: jax.Array
+    weight: jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class EpochMetrics:
+    """What `fit` reports after each epoch (host values).
+
+    Attributes:
+      rank: the rank being trained.
+      epoch: number of completed epochs (1-based).
+      num_epochs: the total planned.
+      train_loss: (M,) mean minibatch loss of the epoch, per member.
+      validation_loss: (M,) validation MSE after the epoch (NaN without
+        validation).
+      best_validation_loss: (M,) best so far.
+    """
+
+    rank: int
+    epoch: int
+    num_epochs: int
+    train_loss: np.ndarray
+    validation_loss: np.ndarray
+    best_validation_loss: np.ndarray
+
+
+# ---------------------------------------------------------------------------
+# Pure building blocks
+
+
+def loss_fn(params, config: ModelConfig, batch: Batch) -> jax.Array:
+    """Mean squared error of one network on a standardised batch (weighted
+    mean over rows, mean over dimensions)."""
+    pred = model_lib.apply(params, config, batch.agent_id, batch.obs, batch.action)
+    per_row = jnp.mean(jnp.square(pred - batch.target), axis=-1)
+    return jnp.sum(per_row * batch.weight) / jnp.maximum(jnp.sum(batch.weight), 1.0)
+
+
+def make_batch(transitions: Transitions, stats: NormStats, index=None) -> Batch:
+    """Standardised model inputs of `transitions` (rows `index`, default all)."""
+    take = (lambda x: np.asarray(x)) if index is None else (lambda x: np.asarray(x)[index])
+    obs = jnp.asarray(take(transitions.obs), jnp.float32)
+    next_obs = jnp.asarray(take(transitions.next_obs), jnp.float32)
+    action = take(transitions.action)
+    return Batch(
+        agent_id=jnp.asarray(take(transitions.agent_id), jnp.int32),
+        obs=stats.normalize_obs(obs),
+        action=stats.action_input(jnp.asarray(action), transitions.discrete),
+        target=stats.normalize_delta(next_obs - obs),
+        weight=jnp.ones(obs.shape[0], jnp.float32),
+    )
+
+
+def _chunk(batch: Batch, size: int) -> Batch:
+    """(T, ...) -> (C, size, ...), zero-weight padding at the end."""
+    t = batch.obs.shape[0]
+    chunks = max(1, math.ceil(t / size))
+    pad = chunks * size - t
+
+    def reshape(x):
+        x = jnp.concatenate([x, jnp.zeros((pad, *x.shape[1:]), x.dtype)]) if pad else x
+        return x.reshape(chunks, size, *x.shape[1:])
+
+    return jax.tree.map(reshape, batch)
+
+
+def init_train_state(key: jax.Array, config: ModelConfig, ensemble_size: int,
+                     optimizer: optax.GradientTransformation) -> TrainState:
+    """M independently initialised members (one key each) and their Adam state."""
+    keys = jax.random.split(key, ensemble_size)
+    params = jax.vmap(model_lib.init_params, in_axes=(0, None))(keys, config)
+    return TrainState(params=params, opt_state=jax.vmap(optimizer.init)(params),
+                      best_params=params,
+                      best_loss=jnp.full((ensemble_size,), jnp.inf, jnp.float32))
+
+
+@functools.lru_cache(maxsize=32)
+def make_epoch_fn(config: ModelConfig, learning_rate: float, batch_size: int, num_train: int,
+                  has_validation: bool) -> Callable:
+    """The jitted epoch of an ensemble (cached on its static arguments).
+
+    Returns:
+      epoch(state: TrainState, train: Batch (T_train, ...), validation: Batch
+      chunked (C, chunk, ...), key) -> (state, train_loss (M,), validation_loss
+      (M,)). Each member draws a permutation of the T_train rows from its own
+      key and takes floor(T_train / batch_size) minibatches of it.
+    """
+    optimizer = optax.adam(learning_rate)
+    num_batches = num_train // batch_size
+
+    def member_epoch(params, opt_state, train: Batch, key):
+        order = jax.random.permutation(key, num_train)[: num_batches * batch_size]
+
+        def step(carry, index):
+            params, opt_state = carry
+            batch = jax.tree.map(lambda x: x[index], train)
+            loss, grads = jax.value_and_grad(loss_fn)(params, config, batch)
+            updates, opt_state = optimizer.update(grads, opt_state, params)
+            return (optax.apply_updates(params, updates), opt_state), loss
+
+        (params, opt_state), losses = jax.lax.scan(
+            step, (params, opt_state), order.reshape(num_batches, batch_size))
+        return params, opt_state, jnp.mean(losses)
+
+    def member_validation(params, chunks: Batch):
+        def chunk_sums(chunk):
+            pred = model_lib.apply(params, config, chunk.agent_id, chunk.obs, chunk.action)
+            per_row = jnp.mean(jnp.square(pred - chunk.target), axis=-1)
+            return jnp.sum(per_row * chunk.weight), jnp.sum(chunk.weight)
+
+        errors, counts = jax.lax.map(chunk_sums, chunks)
+        return jnp.sum(errors) / jnp.maximum(jnp.sum(counts), 1.0)
+
+    @jax.jit
+    def epoch(state: TrainState, train: Batch, validation: Batch, key: jax.Array):
+        ensemble_size = state.best_loss.shape[0]
+        keys = jax.random.split(key, ensemble_size)
+        params, opt_state, train_loss = jax.vmap(member_epoch, in_axes=(0, 0, None, 0))(
+            state.params, state.opt_state, train, keys)
+        if has_validation:
+            validation_loss = jax.vmap(member_validation, in_axes=(0, None))(params, validation)
+            improved = validation_loss < state.best_loss
+        else:
+            validation_loss = jnp.full((ensemble_size,), jnp.nan, jnp.float32)
+            improved = jnp.ones((ensemble_size,), bool)
+
+        def keep_best(new, old):
+            return jnp.where(improved.reshape(-1, *([1] * (new.ndim - 1))), new, old)
+
+        best_params = jax.tree.map(keep_best, params, state.best_params)
+        best_loss = jnp.where(improved, validation_loss, state.best_loss)
+        return (TrainState(params, opt_state, best_params, best_loss), train_loss,
+                validation_loss)
+
+    return epoch
+
+
+def _fit_keys(key: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    split_key, init_key, shuffle_key = jax.random.split(key, 3)
+    return split_key, init_key, shuffle_key
+
+
+def validation_split(key: jax.Array, num_transitions: int,
+                     validation_fraction: float) -> tuple[np.ndarray, np.ndarray]:
+    """The train / validation split that `fit(..., key=key)` uses.
+
+    A uniformly random `validation_fraction` of all transitions (so it cuts
+    across trajectories), the same for every ensemble member and every
+    candidate rank.
+
+    Returns:
+      (train_index, validation_index): sorted int arrays partitioning
+      0..num_transitions-1.
+    """
+    num_validation = int(round(validation_fraction * num_transitions))
+    order = np.asarray(jax.random.permutation(_fit_keys(key)[0], num_transitions))
+    return np.sort(order[num_validation:]), np.sort(order[:num_validation])
+
+
+# ---------------------------------------------------------------------------
+# fit
+
+
+def fit(
+    transitions: Transitions,
+    *,
+    rank: int | str,
+    key: jax.Array,
+    ensemble_size: int = 5,
+    epochs: int = 300,
+    batch_size: int = 256,
+    learning_rate: float = 1e-3,
+    validation_fraction: float = 0.2,
+    state_hidden: Sequence[int] = (256,),
+    action_hidden: Sequence[int] = (256, 256),
+    rank_candidates: Sequence[int] = RANK_CANDIDATES,
+    standardize: bool = True,
+    checkpoint_dir: str | os.PathLike | None = None,
+    checkpoint_every: int = 10,
+    callback: Callable[[EpochMetrics], None] | None = None,
+    progress: bool = True,
+) -> Simulator:
+    """Learns one personalised simulator per agent, as an ensemble of M.
+
+    Args:
+      transitions: the offline data (validated again here).
+      rank: the number of latent factors r, or "auto" to pick the rank with
+        the lowest mean validation loss among `rank_candidates` (one ensemble
+        is trained per candidate).
+      key: PRNG key; the same key gives the same simulator, interrupted or not.
+      ensemble_size: M members, differing in initialisation and batch order.
+      epochs: passes over the training transitions.
+      batch_size: minibatch size (clamped to the number of training
+        transitions); the last partial minibatch of an epoch is dropped.
+      learning_rate: Adam's step size.
+      validation_fraction: share of transitions held out (random across
+        trajectories). Each member keeps the parameters of its best validation
+        epoch. 0 trains on everything and keeps the last parameters.
+      state_hidden: hidden sizes of the state encoder ((256,) for
+        MountainCar/CartPole, (256, 512, 512) for HalfCheetah; see
+        `model.paper_sizes`).
+      action_hidden: hidden sizes of the continuous action encoder (ignored
+        for discrete actions).
+      rank_candidates: ranks tried by rank="auto".
+      standardize: standardise inputs and Δ targets with training statistics
+        (default); False trains on raw values.
+      checkpoint_dir: if given, orbax checkpoints are written to
+        `<checkpoint_dir>/rank_<r>/` every `checkpoint_every` epochs and after
+        the last one; a later call with the same data, key and settings
+        resumes from the latest one.
+      checkpoint_every: K, epochs between checkpoints.
+      callback: called with `EpochMetrics` after every epoch (after any
+        checkpoint of that epoch is written).
+      progress: show a tqdm progress bar with the validation loss.
+
+    Returns:
+      Simulator with the members' best-validation parameters.
+
+    Raises:
+      ValueError: bad data (see `data.validate_transitions`) or arguments, or
+        a checkpoint directory holding a different run.
+    """
+    validate_transitions(transitions)
+    _check_positive_int("ensemble_size", ensemble_size)
+    _check_positive_int("epochs", epochs)
+    _check_positive_int("batch_size", batch_size)
+    _check_positive_int("checkpoint_every", checkpoint_every)
+    if not (isinstance(learning_rate, (int, float)) and learning_rate > 0):
+        raise ValueError(f"learning_rate: must be a positive number; got {learning_rate!r}")
+    if not 0.0 <= float(validation_fraction) < 1.0:
+        raise ValueError(f"validation_fraction: must be in [0, 1); got {validation_fraction!r}")
+    num_train_rows = len(validation_split(key, transitions.num_transitions,
+                                          validation_fraction)[0])
+    if num_train_rows < 1:
+        raise ValueError(f"validation_fraction: {validation_fraction} leaves no training "
+                         f"transitions out of {transitions.num_transitions}")
+
+    if isinstance(rank, str):
+        if rank != "auto":
+            raise ValueError(f"rank: an integer or 'auto'; got {rank!r}")
+        if validation_fraction <= 0:
+            raise ValueError("validation_fraction: rank='auto' selects by validation loss; "
+                             "it needs validation_fraction > 0")
+        candidates = tuple(int(r) for r in rank_candidates)
+        if not candidates:
+            raise ValueError("rank_candidates: empty")
+        for r in candidates:
+            _check_positive_int("rank_candidates", r)
+    else:
+        _check_positive_int("rank", rank)
+        candidates = (int(rank),)
+
+    options = dict(key=key, ensemble_size=int(ensemble_size), epochs=int(epochs),
+                   batch_size=int(batch_size), learning_rate=float(learning_rate),
+                   validation_fraction=float(validation_fraction),
+                   state_hidden=tuple(int(h) for h in state_hidden),
+                   action_hidden=tuple(int(h) for h in action_hidden),
+                   standardize=bool(standardize), checkpoint_dir=checkpoint_dir,
+                   checkpoint_every=int(checkpoint_every), callback=callback, progress=progress)
+    results = [_fit_rank(transitions, r, **options) for r in candidates]
+    if len(results) == 1:
+        return results[0]
+    losses = [float(np.mean(np.asarray(sim.validation_loss))) for sim in results]
+    best = int(np.argmin(losses))
+    return results[best].replace(
+        rank_losses=tuple((r, loss) for r, loss in zip(candidates, losses)))
+
+
+def _fit_rank(transitions: Transitions, rank: int, *, key, ensemble_size, epochs, batch_size,
+              learning_rate, validation_fraction, state_hidden, action_hidden, standardize,
+              checkpoint_dir, checkpoint_every, callback, progress) -> Simulator:
+    """fit() for one rank."""
+    config = ModelConfig(
+        num_agents=transitions.num_agents, obs_dim=transitions.obs_dim, rank=rank,
+        num_actions=transitions.num_actions, action_dim=transitions.action_dim,
+        state_hidden=state_hidden, action_hidden=action_hidden)
+    _, init_key, shuffle_key = _fit_keys(key)
+    train_index, validation_index = validation_split(key, transitions.num_transitions,
+                                                     validation_fraction)
+    if standardize:
+        stats = model_lib.compute_stats(
+            np.asarray(transitions.obs)[train_index], np.asarray(transitions.action)[train_index],
+            np.asarray(transitions.next_obs)[train_index], discrete=transitions.discrete)
+    else:
+        stats = model_lib.identity_stats(transitions.obs_dim, transitions.action_dim)
+    train = make_batch(transitions, stats, train_index)
+    has_validation = len(validation_index) > 0
+    validation = _chunk(make_batch(transitions, stats, validation_index if has_validation
+                                   else train_index[:1]),
+                        min(VALIDATION_CHUNK, max(1, len(validation_index))))
+    batch_size = min(batch_size, len(train_index))
+    epoch_fn = make_epoch_fn(config, learning_rate, batch_size, len(train_index), has_validation)
+    optimizer = optax.adam(learning_rate)
+    state = init_train_state(init_key, config, ensemble_size, optimizer)
+
+    manager, start = None, 0
+    if checkpoint_dir is not None:
+        run = _run_description(transitions, config, key, ensemble_size, batch_size,
+                               learning_rate, validation_fraction, standardize)
+        manager = _checkpoint_manager(os.path.join(os.fspath(checkpoint_dir), f"rank_{rank}"),
+                                      checkpoint_every)
+    bar = None
+    try:
+        if manager is not None:
+            state, start = _maybe_restore(manager, state, run, epochs)
+        bar = tqdm(total=epochs, initial=start, disable=not progress, desc=f"fit rank {rank}",
+                   unit="epoch", leave=False)
+        for epoch in range(start, epochs):
+            state, train_loss, validation_loss = epoch_fn(
+                state, train, validation, jax.random.fold_in(shuffle_key, epoch))
+            done = epoch + 1
+            if manager is not None:
+                import orbax.checkpoint as ocp
+
+                manager.save(done, args=ocp.args.Composite(
+                    state=ocp.args.StandardSave(state), run=ocp.args.JsonSave(run)),
+                    force=done == epochs)
+            metrics = EpochMetrics(rank=rank, epoch=done, num_epochs=epochs,
+                                   train_loss=np.asarray(train_loss),
+                                   validation_loss=np.asarray(validation_loss),
+                                   best_validation_loss=np.asarray(state.best_loss))
+            bar.update(1)
+            bar.set_postfix(train=f"{metrics.train_loss.mean():.4g}",
+                            val=f"{metrics.validation_loss.mean():.4g}")
+            if callback is not None:
+                callback(metrics)
+    finally:
+        if bar is not None:
+            bar.close()
+        if manager is not None:
+            manager.wait_until_finished()
+            manager.close()
+
+    best_loss = state.best_loss if has_validation else jnp.full((ensemble_size,), jnp.nan)
+    return Simulator(params=state.best_params, stats=stats, validation_loss=best_loss,
+                     config=config, agent_keys=transitions.agent_keys)
+
+
+# ---------------------------------------------------------------------------
+# Checkpoints
+
+
+def _checkpoint_manager(directory: str, every: int):
+    import orbax.checkpoint as ocp
+
+    options = ocp.CheckpointManagerOptions(save_interval_steps=every, max_to_keep=2,
+                                           create=True)
+    return ocp.CheckpointManager(os.path.abspath(directory), options=options,
+                                 item_names=("state", "run"))
+
+
+def _maybe_restore(manager, state: TrainState, run: dict, epochs: int):
+    """(state, completed epochs) from the latest checkpoint, if any."""
+    import orbax.checkpoint as ocp
+
+    step = manager.latest_step()
+    if step is None:
+        return state, 0
+    saved = manager.restore(step, args=ocp.args.Composite(run=ocp.args.JsonRestore()))["run"]
+    differ = sorted(k for k in set(run) | set(saved) if run.get(k) != saved.get(k))
+    if differ:
+        raise ValueError(
+            f"checkpoint_dir: {manager.directory} holds a different run (differs in "
+            f"{', '.join(differ)}); use another directory or delete it")
+    if step > epochs:
+        raise ValueError(f"epochs: the checkpoint in {manager.directory} is at epoch {step}, "
+                         f"past epochs={epochs}")
+    template = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
+    restored = manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(template)))["state"]
+    return restored, step
+
+
+def _run_description(transitions: Transitions, config: ModelConfig, key, ensemble_size,
+                     batch_size, learning_rate, validation_fraction, standardize) -> dict:
+    """What must match for a checkpoint to be resumed (JSON-able)."""
+    if jnp.issubdtype(jnp.asarray(key).dtype, jax.dtypes.prng_key):
+        key_data = jax.random.key_data(key)
+    else:
+        key_data = key
+    digest = hashlib.sha256()
+    for array in (transitions.obs, transitions.action, transitions.next_obs,
+                  transitions.agent_id):
+        array = np.ascontiguousarray(np.asarray(array))
+        digest.update(str((array.shape, array.dtype.str)).encode())
+        digest.update(array.tobytes())
+    return {
+        "format": CHECKPOINT_FORMAT,
+        "model": config.to_dict() | {"state_hidden": list(config.state_hidden),
+                                     "action_hidden": list(config.action_hidden)},
+        "key": np.asarray(key_data).tolist(),
+        "ensemble_size": ensemble_size,
+        "batch_size": batch_size,
+        "learning_rate": learning_rate,
+        "validation_fraction": validation_fraction,
+        "standardize": standardize,
+        "data_sha256": digest.hexdigest(),
+    }
+
+
+def _check_positive_int(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{name}: must be a positive integer; got {value!r}")
