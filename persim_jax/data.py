@@ -297,7 +297,8 @@ def validate_transitions(transitions: Transitions) -> None:
                  f"agent {empty[0]} (id {transitions.agent_keys[empty[0]]!r})")
         raise ValueError(
             f"agent_id: {label} has no transitions ({empty.size} agents without any: "
-            f"{_preview(empty.tolist())}); every agent 0..N-1 needs at least one")
+            f"{_preview(empty.tolist())}); every agent 0..N-1 needs at least one (if the ids "
+            f"are arbitrary labels, pass map_agent_ids=True)")
     if transitions.agent_keys is not None and len(transitions.agent_keys) != n:
         raise ValueError(f"agent_keys: expected {n} keys (one per agent); got "
                          f"{len(transitions.agent_keys)}")
@@ -695,13 +696,14 @@ def from_long_format(
     present = np.bincount(ids[rows], minlength=num_agents)
     empty = np.flatnonzero(present == 0)
     if empty.size:
-        agent = empty[0]
+        agent = int(empty[0])
         label = agent if agent_keys is None else agent_keys[agent]
         rows_of_agent = np.flatnonzero(ids == agent)
         why = ("it has no rows; ids must be 0..N-1 without gaps, or pass map_agent_ids=True"
                if rows_of_agent.size == 0 else
-               f"it has {rows_of_agent.size} row(s) and a transition needs a row and its "
-               f"successor (or next-state columns)")
+               f"it has {rows_of_agent.size} row(s) (first: {where(rows_of_agent[0])}) and none "
+               f"with a logged successor; a transition needs a row and the agent's next row "
+               f"(or next-state columns)")
         raise ValueError(f"column {agent_column!r}: agent {label!r} has no transitions: {why}")
     return make_transitions(
         state[rows], action[rows], next_state, ids[rows], reward=reward[rows], done=done[rows],

@@ -1,0 +1,78 @@
+"""Shared fixtures of the persim_jax tests: MountainCar data logged with random
+actions (one vmapped scan of the environment) and one simulator trained on it,
+built once per session."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import envs
+from persim_jax import data, train
+
+
+def collect_random_actions(env_name: str, key: jax.Array, num_agents: int, steps: int):
+    """One trajectory per agent under uniformly random discrete actions.
+
+    Every agent plays one episode of at most `steps` steps (steps after its
+    episode ends are dropped). Returns (Transitions, covariates (N, P)).
+    """
+    env = envs.make(env_name)
+    agents_key, reset_key, run_key = jax.random.split(key, 3)
+    covariates = env.sample_agents(agents_key, num_agents)
+    params = env.agent_params(covariates)
+
+    @jax.jit
+    def run(reset_key, run_key):
+        obs, state = jax.vmap(env.reset)(jax.random.split(reset_key, num_agents), params)
+
+        def step(carry, key):
+            obs, state, alive = carry
+            action_key, step_key = jax.random.split(key)
+            action = jax.random.randint(action_key, (num_agents,), 0, env.num_actions)
+            next_obs, state, reward, done, info = jax.vmap(env.step)(
+                jax.random.split(step_key, num_agents), state, action, params)
+            logged = (obs, action, info["final_observation"], reward, info["terminated"],
+                      info["truncated"], alive)
+            return (next_obs, state, alive & ~done), logged
+
+        _, logged = jax.lax.scan(step, (obs, state, jnp.ones(num_agents, bool)),
+                                 jax.random.split(run_key, steps))
+        return jax.tree.map(lambda x: jnp.swapaxes(x, 0, 1), logged)   # (N, T, ...)
+
+    obs, action, next_obs, reward, terminated, truncated, alive = run(reset_key, run_key)
+    transitions = data.from_rollouts(
+        obs, action, next_obs, reward=reward, done=terminated, timeout=truncated, valid=alive,
+        num_actions=env.num_actions, covariates=covariates)
+    return transitions, np.asarray(covariates)
+
+
+@pytest.fixture(scope="session")
+def mountaincar_data():
+    """(Transitions, covariates): 100 MountainCar agents × 200 random steps."""
+    return collect_random_actions("mountaincar", jax.random.PRNGKey(0), 100, 200)
+
+
+FIT_KEY = jax.random.PRNGKey(1)
+
+
+@pytest.fixture(scope="session")
+def mountaincar_fit(mountaincar_data):
+    """(Simulator, [EpochMetrics]): a rank-3 ensemble of 3 small members."""
+    transitions, _ = mountaincar_data
+    history = []
+    simulator = train.fit(transitions, rank=3, key=FIT_KEY, ensemble_size=3, epochs=25,
+                          learning_rate=3e-3, state_hidden=(64,), callback=history.append,
+                          progress=False)
+    return simulator, history
+
+
+@pytest.fixture(scope="session")
+def small_mountaincar_data():
+    """(Transitions, covariates): 20 agents × 50 steps, for tests that fit
+    several times."""
+    return collect_random_actions("mountaincar", jax.random.PRNGKey(7), 20, 50)
