@@ -25,6 +25,7 @@ dense layer applied to the one-hot vector, without the N-wide matmul.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 from typing import Any
@@ -203,13 +204,34 @@ class PerSimNet(nn.Module):
         return self.agent_encoder(jnp.arange(self.config.num_agents))
 
 
+@functools.partial(jax.jit, static_argnums=1)
 def init_params(key: jax.Array, config: ModelConfig) -> Params:
-    """Parameters of one network (no ensemble axis)."""
+    """Parameters of one network (no ensemble axis), PyTorch-default uniform.
+
+    Every kernel and bias of a layer with fan-in F is U(±1/√F) (the same
+    distribution as the modules' own initialisers). All of them are cut from
+    ONE uniform draw: on CPU each separate `jax.random.uniform` adds a
+    threefry kernel that costs ~0.2 s to compile.
+    """
     agent = jnp.zeros((), jnp.int32)
     obs = jnp.zeros((config.obs_dim,), jnp.float32)
     action = (jnp.zeros((), jnp.int32) if config.discrete
               else jnp.zeros((config.action_dim,), jnp.float32))
-    return PerSimNet(config).init(key, agent, obs, action)["params"]
+    shapes = jax.eval_shape(
+        lambda: PerSimNet(config).init(jax.random.PRNGKey(0), agent, obs, action))["params"]
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(shapes)
+    sizes = [int(np.prod(leaf.shape)) for _, leaf in leaves]
+    draw = jax.random.uniform(key, (sum(sizes),), jnp.float32, -1.0, 1.0)
+    out, offset = [], 0
+    for (path, leaf), size in zip(leaves, sizes):
+        layer = shapes
+        for entry in path[:-1]:
+            layer = layer[entry.key]
+        fan_in = layer["kernel"].shape[0]   # kernels are (fan_in, features)
+        bound = 1.0 / np.sqrt(fan_in)
+        out.append(draw[offset:offset + size].reshape(leaf.shape) * bound)
+        offset += size
+    return jax.tree_util.tree_unflatten(treedef, out)
 
 
 def apply(params: Params, config: ModelConfig, agent_id, obs_z, action_in) -> jax.Array:
@@ -263,19 +285,25 @@ class NormStats:
 
 
 def compute_stats(obs, action, next_obs, *, discrete: bool) -> NormStats:
-    """Statistics of (T, D) obs, (T,) / (T, A) actions and (T, D) next_obs."""
-    obs = jnp.asarray(obs, jnp.float32)
-    delta = jnp.asarray(next_obs, jnp.float32) - obs
+    """Statistics of (T, D) obs, (T,) / (T, A) actions and (T, D) next_obs.
+
+    Computed on the host in float64, so that the mean of a constant float32
+    column is that constant exactly and the column standardises to exactly 0
+    (a float32 mean is off by rounding, which the STD_EPS floor would blow up).
+    """
+    obs = np.asarray(obs, np.float32).astype(np.float64)
+    delta = (np.asarray(next_obs, np.float32) - np.asarray(obs, np.float32)).astype(np.float64)
 
     def mean_std(x):
-        return jnp.mean(x, axis=0), jnp.maximum(jnp.std(x, axis=0), STD_EPS)
+        return (jnp.asarray(np.mean(x, axis=0), jnp.float32),
+                jnp.asarray(np.maximum(np.std(x, axis=0), STD_EPS), jnp.float32))
 
     obs_mean, obs_std = mean_std(obs)
     delta_mean, delta_std = mean_std(delta)
     if discrete:
         action_mean = action_std = jnp.zeros((0,), jnp.float32)
     else:
-        action_mean, action_std = mean_std(jnp.asarray(action, jnp.float32))
+        action_mean, action_std = mean_std(np.asarray(action, np.float32).astype(np.float64))
     return NormStats(obs_mean, obs_std, delta_mean, delta_std, action_mean, action_std)
 
 
