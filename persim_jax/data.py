@@ -507,6 +507,7 @@ def from_long_format(
     discrete_actions: bool | None = None,
     num_actions: int | None = None,
     map_agent_ids: bool = False,
+    covariates=None,
     row_labels: np.ndarray | None = None,
     source: str = "row",
 ) -> Transitions:
@@ -542,6 +543,7 @@ def from_long_format(
       num_actions: number of discrete actions (default: max action + 1).
       map_agent_ids: map arbitrary agent ids to 0..N-1, in sorted order; the
         original ids are kept in `Transitions.agent_keys`.
+      covariates: optional (N, P) per-agent parameters, in agent index order.
       row_labels: (R,) what to call each row in error messages (e.g. the
         file's line numbers); defaults to the 0-based row index.
       source: prefix of row references in error messages.
@@ -708,7 +710,7 @@ def from_long_format(
     return make_transitions(
         state[rows], action[rows], next_state, ids[rows], reward=reward[rows], done=done[rows],
         num_agents=num_agents, num_actions=num_actions if discrete_actions else None,
-        agent_keys=agent_keys)
+        covariates=covariates, agent_keys=agent_keys)
 
 
 def save_csv(path: str | os.PathLike, transitions: Transitions) -> None:

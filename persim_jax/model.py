@@ -424,6 +424,7 @@ class Simulator:
           (M, H, D) or (M, H, ..., D): ŝ_1..ŝ_H, with ŝ_{t+1} = f_m(ŝ_t, a_t).
         """
         obs0 = jnp.asarray(obs0, jnp.float32)
+        actions = jnp.asarray(actions)
         start = jnp.broadcast_to(obs0, (self.ensemble_size, *obs0.shape))
 
         def step(obs, action):

@@ -130,8 +130,10 @@ def make_batch(transitions: Transitions, stats: NormStats, index=None) -> Batch:
     )
 
 
-def _chunk(batch: Batch, size: int) -> Batch:
-    """(T, ...) -> (C, size, ...), zero-weight padding at the end."""
+def chunk_batch(batch: Batch, size: int) -> Batch:
+    """Splits a (T, ...) batch into (C, size, ...) chunks, C = ceil(T / size),
+    padding the last one with zero-weight rows (how validation sets are
+    passed to the epoch function)."""
     t = batch.obs.shape[0]
     chunks = max(1, math.ceil(t / size))
     pad = chunks * size - t
@@ -286,7 +288,9 @@ def fit(
       checkpoint_dir: if given, orbax checkpoints are written to
         `<checkpoint_dir>/rank_<r>/` every `checkpoint_every` epochs and after
         the last one; a later call with the same data, key and settings
-        resumes from the latest one.
+        resumes from the latest one (and ends with the same parameters as an
+        uninterrupted run; `epochs` may be raised to train further). A
+        directory holding a different run is refused.
       checkpoint_every: K, epochs between checkpoints.
       callback: called with `EpochMetrics` after every epoch (after any
         checkpoint of that epoch is written).
@@ -364,7 +368,7 @@ def _fit_rank(transitions: Transitions, rank: int, *, key, ensemble_size, epochs
         stats = model_lib.identity_stats(transitions.obs_dim, transitions.action_dim)
     train = make_batch(transitions, stats, train_index)
     has_validation = len(validation_index) > 0
-    validation = _chunk(make_batch(transitions, stats, validation_index if has_validation
+    validation = chunk_batch(make_batch(transitions, stats, validation_index if has_validation
                                    else train_index[:1]),
                         min(VALIDATION_CHUNK, max(1, len(validation_index))))
     batch_size = min(batch_size, len(train_index))

@@ -220,6 +220,20 @@ def test_without_validation_the_last_parameters_are_returned(small_mountaincar_d
         train.fit(transitions, rank="auto", key=jax.random.PRNGKey(0), validation_fraction=0.0)
 
 
+def test_raw_targets_without_standardisation(small_mountaincar_data):
+    transitions, _ = small_mountaincar_data
+    simulator = train.fit(transitions, rank=3, key=jax.random.PRNGKey(0), ensemble_size=2,
+                          epochs=2, standardize=False, state_hidden=(8,), progress=False)
+    np.testing.assert_array_equal(simulator.stats.obs_mean, np.zeros(2))
+    np.testing.assert_array_equal(simulator.stats.delta_std, np.ones(2))
+    # The model then predicts raw Δ: next = obs + network output.
+    member = jax.tree.map(lambda x: x[1], simulator.params)
+    obs = transitions.obs[0]
+    raw = train.model_lib.apply(member, simulator.config, 3, obs, transitions.action[0])
+    np.testing.assert_allclose(simulator.predict(3, obs, transitions.action[0])[1], obs + raw,
+                               rtol=1e-6)
+
+
 @pytest.mark.parametrize("options,field", [
     (dict(rank="big"), "rank"),
     (dict(rank=0), "rank"),
