@@ -392,7 +392,9 @@ def _fit_rank(transitions: Transitions, rank: int, *, key, ensemble_size, epochs
             state, train_loss, validation_loss = epoch_fn(
                 state, train, validation, jax.random.fold_in(shuffle_key, epoch))
             done = epoch + 1
-            if manager is not None:
+            # Orbax would also save the very first step; we save every K
+            # epochs and after the last one only.
+            if manager is not None and (done % checkpoint_every == 0 or done == epochs):
                 import orbax.checkpoint as ocp
 
                 manager.save(done, args=ocp.args.Composite(
