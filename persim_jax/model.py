@@ -20,6 +20,10 @@ Initialisation follows PyTorch's `nn.Linear` default, as the authors' code:
 kernel and bias ~ U(±1/√fan_in). A one-hot linear layer is computed as a row
 lookup `kernel[index] + bias`, which is the same function (and gradient) as a
 dense layer applied to the one-hot vector, without the N-wide matmul.
+
+`Simulator` bundles an ensemble of M such networks (parameters stacked on a
+leading axis), the statistics and the static config: `predict`, `rollout`,
+`agent_factors`, `save` / `load`.
 """
 
 from __future__ import annotations
