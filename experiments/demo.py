@@ -25,7 +25,7 @@ import envs
 _ENVS = flags.DEFINE_list("envs", list(envs.ENV_NAMES), "Environments to run.")
 _AGENTS = flags.DEFINE_integer("agents", 500, "Agents in the population (>= 5).")
 _HALFCHEETAH_STEPS = flags.DEFINE_integer(
-    "halfcheetah_steps", 100, "Steps per HalfCheetah episode (the paper's cap is 1000).")
+    "halfcheetah_steps", 50, "Steps per HalfCheetah episode (the paper's cap is 1000).")
 _SEED = flags.DEFINE_integer("seed", 0, "Random seed.")
 
 

@@ -33,7 +33,7 @@ def test_make_rejects_unknown_names_and_lists_valid_ones():
     assert "acrobot" in str(error.value)
 
 
-@pytest.mark.parametrize("name", CLASSIC)
+@pytest.mark.parametrize("name", envs.ENV_NAMES)
 def test_agent_descriptions_follow_table_1(name):
     env = envs.make(name)
     names, ranges, test_agents, num_policy_agents = PAPER_TABLE_1[name]
