@@ -26,11 +26,6 @@ _STEPS = flags.DEFINE_integer("steps", 0, "Steps per scan (0: 200 classic, 20 ha
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed repeats; the best is reported.")
 
 
-def random_action(env, key):
-    if env.discrete_actions:
-        return jax.random.randint(key, (), 0, env.num_actions)
-    return jax.random.uniform(key, (env.action_dim,), minval=-1.0, maxval=1.0)
-
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2))
 def run_agents(env, num_steps, params_axis, key, params):
@@ -45,7 +40,7 @@ def run_agents(env, num_steps, params_axis, key, params):
     def one_step(carry, step_key):
         state, total = carry
         keys = jax.random.split(step_key, (2, num_agents))
-        action = jax.vmap(functools.partial(random_action, env))(keys[0])
+        action = jax.vmap(env.action_space().sample)(keys[0])
         _, state, reward, _, _ = step(keys[1], state, action, params)
         return (state, total + reward), None
 

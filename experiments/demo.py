@@ -29,11 +29,6 @@ _HALFCHEETAH_STEPS = flags.DEFINE_integer(
 _SEED = flags.DEFINE_integer("seed", 0, "Random seed.")
 
 
-def random_action(env, key):
-    if env.discrete_actions:
-        return jax.random.randint(key, (), 0, env.num_actions)
-    return jax.random.uniform(key, (env.action_dim,), minval=-1.0, maxval=1.0)
-
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
 def random_episodes(env, num_steps, key, params):
@@ -46,7 +41,7 @@ def random_episodes(env, num_steps, key, params):
     def one_step(carry, step_key):
         state, total, length, alive = carry
         keys = jax.random.split(step_key, (2, num_agents))
-        action = jax.vmap(functools.partial(random_action, env))(keys[0])
+        action = jax.vmap(env.action_space().sample)(keys[0])
         _, state, reward, done, _ = jax.vmap(env.step)(keys[1], state, action, params)
         total = total + jnp.where(alive, reward, 0.0)
         length = length + alive
