@@ -1,0 +1,619 @@
+"""Model-predictive control over an ensemble of dynamics (paper, section 5; D.1).
+
+Two planners in the optax style: a frozen config dataclass, and a `Planner`
+of two pure functions,
+
+    planner = planning.random_shooting(config, env.reward, env.terminated)
+    state = planner.init()                                   # warm start, empty
+    action, state = planner.plan(key, state, obs, dynamics)  # one MPC step
+
+* Random shooting (discrete actions): uniform candidate sequences, candidate 0
+  is the previous best plan shifted by one step; play the first action of the
+  best candidate.
+* CEM (continuous actions in a box): truncated-normal samples, elites, 1 + R
+  rounds with smoothing; play the mean first action of the last round's
+  elites; warm start from the shifted smoothed mean.
+
+Planners only see a dynamics callable and the environment's known reward and
+termination, so the same code plans on a learned `Simulator` (M = 5 members,
+`simulator_dynamics`) and on the true environment with one agent's physics
+(M = 1, `env_dynamics`, the paper's "True env + MPC" row).
+
+The dynamics contract: `dynamics(obs, action) -> (M, B, D)` next states, with
+  * obs (B, D): every member predicts from the same states;
+  * obs (M, B, D): member m predicts from its own states obs[m];
+  * action (B,) int or (B, A) float.
+The second form is what lets each member propagate its own trajectory, which
+the pessimistic (min over members) score of the paper needs.
+
+Scores (`member_returns`, `score_sequences`): for candidate sequence a_0..a_{H-1}
+and member m, ŝ_0 = s, ŝ_{t+1} = f_m(ŝ_t, a_t), and
+
+    J_m = Σ_t γ^t R(ŝ_t, a_t, ŝ_{t+1}) · alive_t  (+ MountainCar shaping)
+    J   = min_m J_m   (default, paper)   or   mean_m J_m   (authors' code)
+
+where alive_t is 0 from the first predicted termination on: the transition that
+first reaches a terminal state already earns nothing (authors' code, so a
+predicted failure inside the horizon costs its step). A rollout whose state
+becomes NaN or ±inf while alive scores −inf and never wins; the played action
+is always finite.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Array = jax.Array
+Dynamics = Callable[[Array, Array], Array]
+RewardFn = Callable[[Array, Array, Array], Array]
+TerminatedFn = Callable[[Array], Array]
+
+AGGREGATIONS = ("min", "mean")
+PROPAGATIONS = ("members", "ensemble_mean")
+
+# MountainCar's planning objective adds 0.01 · max predicted position per step
+# (the authors' shaping bonus; see DESIGN.md).
+MOUNTAINCAR_POSITION_BONUS = 0.01
+
+
+# ---------------------------------------------------------------------------
+# Configs
+
+
+def _check_objective(config) -> None:
+    if config.aggregation not in AGGREGATIONS:
+        raise ValueError(f"aggregation: must be one of {AGGREGATIONS}; got {config.aggregation!r}")
+    if config.propagation not in PROPAGATIONS:
+        raise ValueError(f"propagation: must be one of {PROPAGATIONS}; got {config.propagation!r}")
+    if not (0.0 < config.discount <= 1.0):
+        raise ValueError(f"discount: must be in (0, 1]; got {config.discount!r}")
+    if not (math.isfinite(config.position_bonus) and config.position_bonus >= 0.0):
+        raise ValueError(f"position_bonus: must be a finite number >= 0; got "
+                         f"{config.position_bonus!r}")
+    _check_positive(config, "horizon")
+
+
+def _check_positive(config, *names) -> None:
+    for name in names:
+        value = getattr(config, name)
+        if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{name}: must be a positive integer; got {value!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class RandomShootingConfig:
+    """Random shooting for discrete actions (DESIGN.md decisions table).
+
+    Attributes:
+      num_actions: number of discrete actions; candidates are uniform on
+        {0, ..., num_actions - 1} at every step.
+      num_candidates: candidate sequences per plan (1000).
+      horizon: steps per sequence (30 CartPole, 50 MountainCar).
+      discount: γ of the score (paper 0.93; the authors' final code 1.0).
+      aggregation: "min" over ensemble members (paper) or "mean" (authors'
+        final code).
+      propagation: "members" (each member rolls out its own states) or
+        "ensemble_mean" (every member is fed the ensemble-mean state, as the
+        authors' HalfCheetah CEM).
+      position_bonus: weight of the shaping bonus max_τ ŝ_τ[position_index]
+        added at every step (MountainCar: 0.01; 0 turns it off).
+      position_index: which state coordinate the bonus maximises.
+      warm_start: replace candidate 0 by the previous best plan shifted.
+    """
+
+    num_actions: int
+    num_candidates: int = 1000
+    horizon: int = 30
+    discount: float = 0.93
+    aggregation: str = "min"
+    propagation: str = "members"
+    position_bonus: float = 0.0
+    position_index: int = 0
+    warm_start: bool = True
+
+    def __post_init__(self):
+        _check_positive(self, "num_actions", "num_candidates")
+        _check_objective(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class CEMConfig:
+    """Cross-entropy method for continuous actions in a box (DESIGN.md).
+
+    Attributes:
+      action_dim: A.
+      num_samples: sequences sampled per round (200).
+      horizon: steps per sequence (30).
+      num_elites: best sequences kept per round (50).
+      num_rounds: refinement rounds after the first one (5: 1 + 5 rounds).
+      smoothing: weight of the previous mean and std in a refinement round:
+        μ ← smoothing·μ + (1 − smoothing)·μ_elite (0.1), likewise σ. The first
+        round replaces them by the elite mean and std.
+      init_std_low, init_std_high: the first round's σ is one scalar drawn
+        uniformly from [low, high) at every plan (authors: [0.3, 0.6)).
+      action_low, action_high: the action box; samples are truncated normal
+        in it.
+      min_std: floor of σ when sampling (keeps a collapsed σ finite).
+      discount, aggregation, propagation, position_bonus, position_index: as
+        in `RandomShootingConfig`.
+    """
+
+    action_dim: int
+    num_samples: int = 200
+    horizon: int = 30
+    num_elites: int = 50
+    num_rounds: int = 5
+    smoothing: float = 0.1
+    init_std_low: float = 0.3
+    init_std_high: float = 0.6
+    action_low: float = -1.0
+    action_high: float = 1.0
+    min_std: float = 1e-6
+    discount: float = 0.93
+    aggregation: str = "min"
+    propagation: str = "members"
+    position_bonus: float = 0.0
+    position_index: int = 0
+
+    def __post_init__(self):
+        _check_positive(self, "action_dim", "num_samples", "num_elites")
+        _check_objective(self)
+        if not 2 <= self.num_elites <= self.num_samples:
+            raise ValueError(f"num_elites: must be in [2, num_samples={self.num_samples}] (the "
+                             f"elite std needs two); got {self.num_elites!r}")
+        if not isinstance(self.num_rounds, (int, np.integer)) or self.num_rounds < 0:
+            raise ValueError(f"num_rounds: must be an integer >= 0; got {self.num_rounds!r}")
+        if not 0.0 <= self.smoothing < 1.0:
+            raise ValueError(f"smoothing: must be in [0, 1); got {self.smoothing!r}")
+        if not 0.0 < self.init_std_low <= self.init_std_high:
+            raise ValueError(f"init_std_low, init_std_high: need 0 < low <= high; got "
+                             f"{self.init_std_low!r}, {self.init_std_high!r}")
+        if not self.action_low < self.action_high:
+            raise ValueError(f"action_low, action_high: need low < high; got "
+                             f"{self.action_low!r}, {self.action_high!r}")
+        if not self.min_std > 0.0:
+            raise ValueError(f"min_std: must be > 0; got {self.min_std!r}")
+
+
+# ---------------------------------------------------------------------------
+# Scoring action sequences
+
+
+def member_returns(
+    dynamics: Dynamics,
+    reward_fn: RewardFn,
+    terminated_fn: TerminatedFn | None,
+    obs: Array,
+    actions: Array,
+    *,
+    discount: float = 0.93,
+    propagation: str = "members",
+    position_bonus: float = 0.0,
+    position_index: int = 0,
+    num_actions: int | None = None,
+) -> Array:
+    """Discounted returns of B action sequences under each of the M members.
+
+    Args:
+      dynamics: the dynamics contract of this module.
+      reward_fn: R(obs, action, next_obs) broadcasting over leading axes.
+      terminated_fn: termination of next_obs (leading axes), or None.
+      obs: (D,) the current state ŝ_0.
+      actions: (B, H) int or (B, H, A) float candidate sequences.
+      discount: γ.
+      propagation: "members" or "ensemble_mean" (see `RandomShootingConfig`).
+      position_bonus: shaping weight w: adds w · max_τ ŝ_τ[position_index] at
+        every step (τ from 0 to the terminal state; not masked, not
+        discounted, as the authors' code).
+      position_index: the coordinate of the bonus.
+      num_actions: for discrete actions, the number of actions: the first
+        step is then computed once per action (all candidates start from the
+        same state) instead of once per candidate.
+
+    Returns:
+      (M, B) returns J_m; −inf where the rollout blew up (NaN/inf state while
+      alive) or its return is not finite.
+    """
+    obs = jnp.asarray(obs, jnp.float32)
+    actions = jnp.asarray(actions)
+    num_sequences, horizon = actions.shape[:2]
+    steps = jnp.swapaxes(actions, 0, 1)                                  # (H, B, ...)
+    batch_obs = jnp.broadcast_to(obs, (num_sequences, obs.shape[-1]))
+
+    # First step: every candidate starts from ŝ_0.
+    if num_actions is not None and num_actions < num_sequences:
+        # Deterministic dynamics: only num_actions distinct transitions.
+        each = dynamics(jnp.broadcast_to(obs, (num_actions, obs.shape[-1])),
+                        jnp.arange(num_actions, dtype=steps.dtype))     # (M, nA, D)
+        first = jnp.take(each, steps[0], axis=1)                         # (M, B, D)
+    else:
+        first = dynamics(batch_obs, steps[0])
+    num_members = first.shape[0]
+
+    def transition(state, next_state, action, alive, finite, total, best, weight):
+        """Accumulates one step of every member; shapes (M, B[, D])."""
+        action_m = jnp.broadcast_to(action, (num_members, *action.shape))
+        reward = reward_fn(state, action_m, next_state)
+        now_finite = jnp.all(jnp.isfinite(next_state), axis=-1)
+        finite = finite & (now_finite | ~alive)
+        ended = (terminated_fn(next_state) if terminated_fn is not None
+                 else jnp.zeros(next_state.shape[:-1], bool))
+        # The step that first reaches a terminal state is masked too (authors).
+        counted = alive & ~ended
+        total = total + weight * jnp.where(counted, reward, 0.0)
+        if position_bonus:
+            best = jnp.where(alive, jnp.maximum(best, next_state[..., position_index]), best)
+        return counted, finite, total, best
+
+    start = jnp.broadcast_to(batch_obs, (num_members, *batch_obs.shape))
+    alive = jnp.ones((num_members, num_sequences), bool)
+    best = start[..., position_index]
+    alive, finite, total, best = transition(
+        start, first, steps[0], alive, alive, jnp.zeros(alive.shape, jnp.float32), best, 1.0)
+
+    def step(carry, action):
+        state, alive, finite, total, best, weight = carry
+        if propagation == "members":
+            next_state = dynamics(state, action)
+        else:
+            next_state = dynamics(jnp.mean(state, axis=0), action)
+        alive, finite, total, best = transition(
+            state, next_state, action, alive, finite, total, best, weight)
+        if propagation == "ensemble_mean":
+            # Rewards are charged per member; the state fed on is the mean.
+            next_state = jnp.broadcast_to(jnp.mean(next_state, axis=0), next_state.shape)
+        return (next_state, alive, finite, total, best, weight * discount), None
+
+    if propagation == "ensemble_mean":
+        first = jnp.broadcast_to(jnp.mean(first, axis=0), first.shape)
+    carry = (first, alive, finite, total, best, jnp.float32(discount))
+    (_, _, finite, total, best, _), _ = jax.lax.scan(step, carry, steps[1:])
+    if position_bonus:
+        total = total + position_bonus * horizon * best
+    ok = finite & jnp.isfinite(total)
+    return jnp.where(ok, total, -jnp.inf)
+
+
+def aggregate(returns: Array, aggregation: str = "min") -> Array:
+    """(B,) scores from (M, B) member returns: min (paper) or mean over M."""
+    if aggregation == "min":
+        return jnp.min(returns, axis=0)
+    if aggregation == "mean":
+        return jnp.mean(returns, axis=0)
+    raise ValueError(f"aggregation: must be one of {AGGREGATIONS}; got {aggregation!r}")
+
+
+def score_sequences(dynamics: Dynamics, reward_fn: RewardFn, terminated_fn: TerminatedFn | None,
+                    obs: Array, actions: Array, config, *, num_actions: int | None = None) -> Array:
+    """(B,) scores of (B, H[, A]) sequences from obs (D,) under `config`'s
+    objective (discount, propagation, shaping, aggregation); −inf never wins."""
+    returns = member_returns(
+        dynamics, reward_fn, terminated_fn, obs, actions, discount=config.discount,
+        propagation=config.propagation, position_bonus=config.position_bonus,
+        position_index=config.position_index, num_actions=num_actions)
+    scores = aggregate(returns, config.aggregation)
+    return jnp.where(jnp.isnan(scores), -jnp.inf, scores)
+
+
+# ---------------------------------------------------------------------------
+# Planners
+
+
+class Planner(NamedTuple):
+    """A planner: pure functions and their config.
+
+    Attributes:
+      init: `init() -> state`, the state at the start of an episode (no warm
+        start yet).
+      plan: `plan(key, state, obs (D,), dynamics) -> (action, state)`; the
+        action is () int32 (discrete) or (A,) float32 (continuous), the state
+        carries the warm start to the next call.
+      config: the planner's config dataclass.
+    """
+
+    init: Callable[[], Any]
+    plan: Callable[[Array, Any, Array, Dynamics], tuple[Array, Any]]
+    config: Any
+
+
+class RandomShootingState(NamedTuple):
+    """Warm start of random shooting.
+
+    Attributes:
+      previous_plan: (H,) int32 best sequence of the last plan.
+      has_previous: () bool, False at the start of an episode.
+    """
+
+    previous_plan: Array
+    has_previous: Array
+
+
+class CEMState(NamedTuple):
+    """Warm start of CEM: mean (H, A) of the next plan's first round."""
+
+    mean: Array
+
+
+def random_shooting(config: RandomShootingConfig, reward_fn: RewardFn,
+                    terminated_fn: TerminatedFn | None = None) -> Planner:
+    """Random-shooting MPC for discrete actions.
+
+    Every plan draws `num_candidates` uniform sequences of `horizon` actions;
+    with a warm start, candidate 0 is the previous best sequence shifted left
+    by one (its last action stays the random one). It plays the first action
+    of the best-scoring candidate and keeps that candidate as the next warm
+    start.
+    """
+    if not isinstance(config, RandomShootingConfig):
+        raise ValueError(f"config: expected a RandomShootingConfig, got {type(config).__name__}")
+
+    def init() -> RandomShootingState:
+        return RandomShootingState(jnp.zeros((config.horizon,), jnp.int32), jnp.array(False))
+
+    def plan(key, state: RandomShootingState, obs, dynamics):
+        candidates = jax.random.randint(
+            key, (config.num_candidates, config.horizon), 0, config.num_actions, jnp.int32)
+        if config.warm_start:
+            shifted = jnp.concatenate([state.previous_plan[1:], candidates[0, -1:]])
+            candidates = candidates.at[0].set(
+                jnp.where(state.has_previous, shifted, candidates[0]))
+        scores = score_sequences(dynamics, reward_fn, terminated_fn, obs, candidates, config,
+                                 num_actions=config.num_actions)
+        best = candidates[jnp.argmax(scores)]
+        return best[0], RandomShootingState(best, jnp.array(True))
+
+    return Planner(init, plan, config)
+
+
+def cem(config: CEMConfig, reward_fn: RewardFn,
+        terminated_fn: TerminatedFn | None = None) -> Planner:
+    """Cross-entropy-method MPC for continuous actions in a box.
+
+    Round 0 samples around the warm-start mean with one scalar σ0 ~
+    U[init_std_low, init_std_high) and sets (μ, σ) to the elites' mean and
+    (unbiased) std; each of the `num_rounds` refinements samples from (μ, σ)
+    and smooths: μ ← s·μ + (1 − s)·μ_elite, σ likewise. Samples are truncated
+    normal in [action_low, action_high]. It plays the mean first action of the
+    last round's elites; the next plan starts from μ shifted by one step (a
+    zero appended).
+    """
+    if not isinstance(config, CEMConfig):
+        raise ValueError(f"config: expected a CEMConfig, got {type(config).__name__}")
+    shape = (config.horizon, config.action_dim)
+    low, high = config.action_low, config.action_high
+    smooth = config.smoothing
+
+    def init() -> CEMState:
+        return CEMState(jnp.zeros(shape, jnp.float32))
+
+    def plan(key, state: CEMState, obs, dynamics):
+        std_key, *round_keys = jax.random.split(key, config.num_rounds + 2)
+
+        def elites(key, mean, std):
+            """Elite mean (H, A), std (H, A), and their mean first action (A,)."""
+            std = jnp.maximum(std, config.min_std)
+            z = jax.random.truncated_normal(key, (low - mean) / std, (high - mean) / std,
+                                            (config.num_samples, *shape), jnp.float32)
+            samples = jnp.clip(mean + std * z, low, high)
+            scores = score_sequences(dynamics, reward_fn, terminated_fn, obs, samples, config)
+            _, index = jax.lax.top_k(scores, config.num_elites)
+            elite = samples[index]
+            return jnp.mean(elite, 0), jnp.std(elite, 0, ddof=1), jnp.mean(elite[:, 0], 0)
+
+        std0 = jax.random.uniform(std_key, (), jnp.float32, config.init_std_low,
+                                  config.init_std_high)
+        mean, std, action = elites(round_keys[0], state.mean, jnp.full(shape, std0))
+
+        def refine(carry, key):
+            mean, std, _ = carry
+            elite_mean, elite_std, action = elites(key, mean, std)
+            return (smooth * mean + (1 - smooth) * elite_mean,
+                    smooth * std + (1 - smooth) * elite_std, action), None
+
+        if config.num_rounds:
+            (mean, std, action), _ = jax.lax.scan(
+                refine, (mean, std, action), jnp.stack(round_keys[1:]))
+        next_mean = jnp.concatenate([mean[1:], jnp.zeros((1, config.action_dim), mean.dtype)])
+        # Belt and braces: samples are finite, so their mean is; never play NaN.
+        action = jnp.clip(jnp.nan_to_num(action), low, high)
+        return action, CEMState(next_mean)
+
+    return Planner(init, plan, config)
+
+
+def paper_config(env, **overrides):
+    """The paper's planner config for `env` (DESIGN.md decisions table):
+    random shooting 1000 × 30 (CartPole) / 1000 × 50 with the position bonus
+    (MountainCar); CEM 200 × 30, 50 elites, 1 + 5 rounds (HalfCheetah).
+    Keyword arguments override fields (e.g. aggregation="mean", discount=1.0
+    for the authors' final code)."""
+    name = env.name
+    if name == "cartpole":
+        fields = dict(num_actions=env.num_actions, horizon=30)
+    elif name == "mountaincar":
+        fields = dict(num_actions=env.num_actions, horizon=50,
+                      position_bonus=MOUNTAINCAR_POSITION_BONUS, position_index=0)
+    elif env.discrete_actions:
+        fields = dict(num_actions=env.num_actions)
+    else:
+        fields = dict(action_dim=env.action_dim)
+    fields.update(overrides)
+    if env.discrete_actions:
+        return RandomShootingConfig(**fields)
+    return CEMConfig(**fields)
+
+
+def paper_planner(env, **overrides) -> Planner:
+    """The paper's planner for `env`, with the env's reward and termination:
+    `random_shooting` for discrete actions, `cem` for continuous; see
+    `paper_config`."""
+    config = paper_config(env, **overrides)
+    make = random_shooting if isinstance(config, RandomShootingConfig) else cem
+    return make(config, env.reward, env.terminated)
+
+
+# ---------------------------------------------------------------------------
+# Dynamics: a learned Simulator
+
+
+def _fold_input(layer, shift, scale):
+    """Folds x_z = (x − shift) / scale into the layer y = x_z W + b."""
+    kernel = layer["kernel"] / scale[:, None]
+    bias = layer["bias"] - (shift / scale) @ layer["kernel"]
+    return {"kernel": kernel, "bias": bias}
+
+
+def _mlp_layers(tree) -> list:
+    names = sorted((k for k in tree if k.startswith("hidden_")), key=lambda k: int(k[7:]))
+    return [tree[k] for k in names] + [tree["output"]]
+
+
+def _fold_member(params, stats, config, agent_id):
+    """One member's network for one agent, rewritten for planning.
+
+    Everything that does not depend on the state or the candidate is done
+    here once: the agent factor u(n); the input standardisation (folded into
+    the first layer); the output de-standardisation and u(n) (folded into the
+    output layer). For discrete actions the action factor w(a) takes
+    num_actions values, so the output layer and the rank contraction become
+    one (hidden, num_actions · D) matrix and the prediction a column pick.
+    """
+    rank, dim = config.rank, config.obs_dim
+    agent = params["agent_encoder"]
+    u = jnp.take(agent["kernel"], agent_id, axis=0) + agent["bias"]            # (r,)
+    layers = _mlp_layers(params["state_encoder"])
+    layers[0] = _fold_input(layers[0], stats.obs_mean, stats.obs_std)
+    out_kernel = layers[-1]["kernel"].reshape(-1, dim, rank)                    # (h, D, r)
+    out_bias = layers[-1]["bias"].reshape(dim, rank)
+    scale = stats.delta_std
+    if config.discrete:
+        w = params["action_encoder"]["kernel"] + params["action_encoder"]["bias"]  # (nA, r)
+        c = u * w
+        kernel = jnp.einsum("hdr,ar->had", out_kernel, c) * scale               # (h, nA, D)
+        bias = jnp.einsum("dr,ar->ad", out_bias, c) * scale + stats.delta_mean  # (nA, D)
+        layers[-1] = {"kernel": kernel.reshape(kernel.shape[0], -1), "bias": bias.reshape(-1)}
+        return {"state": layers}
+    kernel = out_kernel * (u * scale[:, None])                                  # (h, D, r)
+    bias = out_bias * (u * scale[:, None])
+    layers[-1] = {"kernel": kernel.reshape(kernel.shape[0], -1), "bias": bias.reshape(-1)}
+    action_layers = _mlp_layers(params["action_encoder"])
+    action_layers[0] = _fold_input(action_layers[0], stats.action_mean, stats.action_std)
+    return {"state": layers, "action": action_layers, "delta_mean": stats.delta_mean}
+
+
+def _mlp(layers, x):
+    for layer in layers[:-1]:
+        x = jax.nn.relu(x @ layer["kernel"] + layer["bias"])
+    return x @ layers[-1]["kernel"] + layers[-1]["bias"]
+
+
+def _member_next_obs(folded, config, obs, action):
+    """(B, D) next states of one folded member from (B, D) obs, (B,) / (B, A) actions."""
+    dim = config.obs_dim
+    out = _mlp(folded["state"], obs)
+    if config.discrete:
+        out = out.reshape(*out.shape[:-1], config.num_actions, dim)
+        delta = jnp.take_along_axis(out, action[..., None, None].astype(jnp.int32), axis=-2)
+        return obs + delta[..., 0, :]
+    v = out.reshape(*out.shape[:-1], dim, config.rank)
+    w = _mlp(folded["action"], action)
+    return obs + jnp.einsum("...dr,...r->...d", v, w) + folded["delta_mean"]
+
+
+def simulator_dynamics(simulator, agent_id) -> Dynamics:
+    """The dynamics of agent `agent_id` under every member of `simulator`.
+
+    Equal (to float32 rounding) to `simulator.predict` / `predict_members`,
+    with the work that does not depend on states or candidates hoisted out of
+    the rollout (see `_fold_member`). Jittable and vmappable over agent_id.
+
+    Args:
+      simulator: a trained `persim_jax.Simulator` (M members).
+      agent_id: () int, the agent's index 0..N−1 in the simulator.
+
+    Returns:
+      dynamics(obs (B, D) or (M, B, D), action (B,) / (B, A)) -> (M, B, D).
+    """
+    config = simulator.config
+    folded = jax.vmap(_fold_member, in_axes=(0, None, None, None))(
+        simulator.params, simulator.stats, config, jnp.asarray(agent_id, jnp.int32))
+
+    def dynamics(obs, action):
+        obs_axis = 0 if obs.ndim == 3 else None
+        return jax.vmap(_member_next_obs, in_axes=(0, None, obs_axis, None))(
+            folded, config, obs, action)
+
+    return dynamics
+
+
+# ---------------------------------------------------------------------------
+# Dynamics: the true environment ("True env + MPC")
+
+
+def state_from_obs(env, obs: Array, params=None):
+    """The env state whose observation is obs (D,), for planning rollouts.
+
+    MountainCar and CartPole: exact (the state is the observation; time 0, so
+    the episode cap never fires inside a rollout). HalfCheetah: approximate,
+    as the observation does not contain everything: qpos[0] (torso x, which
+    no force or observation depends on) is set to 0, qpos[1:] = obs[1:9],
+    qvel = obs[9:18], the finite-difference x-velocity = obs[0], and MuJoCo's
+    solver warm start (`qacc_warmstart`) and all derived quantities are reset
+    (recomputed by the step's forward pass), so a planned step can differ
+    from the real one by the constraint solver's tolerance.
+    """
+    obs = jnp.asarray(obs)
+    if env.name == "mountaincar":
+        from envs.mountaincar import EnvState
+        return EnvState(position=obs[0], velocity=obs[1], time=jnp.zeros((), jnp.int32))
+    if env.name == "cartpole":
+        from envs.cartpole import EnvState
+        return EnvState(x=obs[0], x_dot=obs[1], theta=obs[2], theta_dot=obs[3],
+                        time=jnp.zeros((), jnp.int32))
+    if env.name == "halfcheetah":
+        from mujoco import mjx
+
+        from envs.halfcheetah import EnvState
+        model = env.model_for(params) if params is not None else env.mjx_model
+        data = mjx.make_data(model)
+        dtype = data.qpos.dtype
+        obs = obs.astype(dtype)
+        data = data.replace(qpos=jnp.concatenate([jnp.zeros((1,), dtype), obs[1:9]]),
+                            qvel=obs[9:18])
+        return EnvState(data=data, x_velocity=obs[0], time=jnp.zeros((), jnp.int32))
+    raise ValueError(f"env: no state reconstruction for {env.name!r}")
+
+
+def env_dynamics(env, params) -> Dynamics:
+    """The true dynamics of one agent (M = 1), from `env.step_env`.
+
+    Each next state is one `env.step_env` (vmapped over B) from the state
+    rebuilt by `state_from_obs` with the agent's physics `params` (leaves of
+    shape ()). The episode cap and the env's own `done` are ignored: the
+    planner applies `env.terminated` to the predicted states. The env's key
+    is fixed: the three environments are deterministic.
+
+    Returns:
+      dynamics(obs (B, D) or (1, B, D), action (B,) / (B, A)) -> (1, B, D).
+    """
+    key = jax.random.PRNGKey(0)
+
+    def one(obs, action):
+        state = state_from_obs(env, obs, params)
+        next_obs, _, _, _, _ = env.step_env(key, state, action, params)
+        return next_obs.astype(jnp.float32)
+
+    def dynamics(obs, action):
+        if obs.ndim == 3:
+            if obs.shape[0] != 1:
+                raise ValueError(f"obs: the true env has one member; got {obs.shape[0]}")
+            obs = obs[0]
+        return jax.vmap(one)(obs, action)[None]
+
+    return dynamics
