@@ -1,0 +1,275 @@
+"""MPC episodes: every (agent, episode) pair played out in one compiled program.
+
+    planner = planning.paper_planner(env)
+    returns = evaluation.run_episodes(
+        key, planner, evaluation.simulator_dynamics_for_agent(simulator), env,
+        env.test_agents, num_episodes=20)                      # (5, 20)
+
+One episode is a `lax.scan` over the env's steps with the planner inside (the
+planner's own rollouts are scans over the horizon, vmapped over candidates and
+members). Episodes are vmapped over the agent × episode batch, which is split
+over all devices of a `jax.sharding.Mesh` (one shard per device, no
+communication in the step loop); `chunk_size` bounds how many episodes a
+device runs at once (`lax.map` over chunks), which bounds memory.
+
+Memory: a device holding K episodes at once (K = chunk_size, or all of its
+share) needs about
+    K · candidates · members · (the two widest adjacent layer widths) · 4 bytes
+for the activations of one rollout step, plus K · candidates · horizon ·
+action size for the candidate sequences: linear in each factor, and in the
+horizon only through the sequences (the rollout is a scan, nothing is kept per
+step). The paper's HalfCheetah setting (200 × 30, M = 5, widest layers 512) is
+~0.4 GB per 100 simultaneous episodes.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from persim_jax import planning
+
+DynamicsForAgent = Callable[[jax.Array, jax.Array], planning.Dynamics]
+
+BATCH_AXIS = "episodes"
+
+
+# ---------------------------------------------------------------------------
+# Dynamics of one agent, for `run_episodes`
+
+
+@struct.dataclass
+class SimulatorDynamicsForAgent:
+    """Agent index -> that agent's learned dynamics (all M members).
+
+    A pytree, so `run_episodes` passes the simulator's parameters to the
+    compiled program as arguments (not as baked-in constants).
+
+    Attributes:
+      simulator: the trained `Simulator`.
+      agent_ids: (A,) simulator agent index of each row of the covariates
+        given to `run_episodes`, or None when row i is simulator agent i (the
+        test agents are dataset units 0..4).
+    """
+
+    simulator: Any
+    agent_ids: jax.Array | None = None
+
+    def __call__(self, agent_index, covariates) -> planning.Dynamics:
+        del covariates  # the simulator knows the agent by its id only
+        agent = agent_index if self.agent_ids is None else self.agent_ids[agent_index]
+        return planning.simulator_dynamics(self.simulator, agent)
+
+
+def simulator_dynamics_for_agent(simulator, agent_ids: Sequence[int] | None = None
+                                 ) -> SimulatorDynamicsForAgent:
+    """`dynamics_for_agent` of a learned simulator (PerSim's planning).
+
+    Args:
+      simulator: a `persim_jax.Simulator`.
+      agent_ids: simulator agent index of each evaluated agent (row of
+        `covariates`); default: row i is agent i.
+    """
+    if agent_ids is not None:
+        ids = np.asarray(agent_ids)
+        if ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer):
+            raise ValueError(f"agent_ids: must be a 1-d integer sequence; got {agent_ids!r}")
+        if ids.size and (ids.min() < 0 or ids.max() >= simulator.num_agents):
+            raise ValueError(f"agent_ids: must be in 0..{simulator.num_agents - 1}; got "
+                             f"{ids.tolist()}")
+        agent_ids = jnp.asarray(ids, jnp.int32)
+    return SimulatorDynamicsForAgent(simulator, agent_ids)
+
+
+@struct.dataclass
+class TrueEnvDynamicsForAgent:
+    """Agent covariates -> the true env's dynamics with that agent's physics
+    (one member; see `planning.env_dynamics`, `planning.state_from_obs`).
+
+    Equal for equal envs, so repeated `run_episodes` calls reuse one compiled
+    program."""
+
+    env: Any = struct.field(pytree_node=False)
+
+    def __call__(self, agent_index, covariates) -> planning.Dynamics:
+        del agent_index
+        return planning.env_dynamics(self.env, self.env.covariates_to_params(covariates))
+
+
+def true_env_dynamics_for_agent(env) -> TrueEnvDynamicsForAgent:
+    """`dynamics_for_agent` of the true environment ("True env + MPC"): each
+    agent's own physics from its covariates, one member."""
+    return TrueEnvDynamicsForAgent(env)
+
+
+# ---------------------------------------------------------------------------
+# Episodes
+
+
+def episode_return(key, planner: planning.Planner, dynamics: planning.Dynamics, env, params,
+                   max_steps: int) -> jax.Array:
+    """() return of one MPC episode of one agent (jittable, vmappable).
+
+    The env is reset with `key`, then for `max_steps` steps the planner plans
+    from the true observation and the env steps (`env.step_env`, no auto
+    reset) with the agent's physics `params`. Rewards are summed until the
+    first termination; the scan runs on (its later steps are ignored), so
+    that episodes of a batch stay in lock step.
+    """
+    reset_key, run_key = jax.random.split(key)
+    obs, state = env.reset(reset_key, params)
+
+    def step(carry, key):
+        obs, state, plan_state, total, done = carry
+        plan_key, step_key = jax.random.split(key)
+        action, plan_state = planner.plan(plan_key, plan_state, obs, dynamics)
+        next_obs, state, reward, terminated, _ = env.step_env(step_key, state, action, params)
+        total = total + jnp.where(done, 0.0, reward)
+        done = done | terminated
+        return (next_obs, state, plan_state, total, done), None
+
+    carry = (obs, state, planner.init(), jnp.zeros((), jnp.float32), jnp.array(False))
+    (_, _, _, total, _), _ = jax.lax.scan(step, carry, jax.random.split(run_key, max_steps))
+    return total
+
+
+def _split_static(tree):
+    """(array leaves, static description) of a pytree whose leaves may be
+    functions: arrays become arguments of the compiled program."""
+    leaves, treedef = jax.tree.flatten(tree)
+    is_array = tuple(isinstance(leaf, (jax.Array, np.ndarray, np.generic)) for leaf in leaves)
+    arrays = [leaf for leaf, a in zip(leaves, is_array) if a]
+    static = tuple(None if a else leaf for leaf, a in zip(leaves, is_array))
+    return arrays, (treedef, static)
+
+
+def _join_static(arrays, description):
+    treedef, static = description
+    arrays = iter(arrays)
+    return jax.tree.unflatten(treedef, [next(arrays) if s is None else s for s in static])
+
+
+@functools.lru_cache(maxsize=32)
+def _compiled_episodes(planner, dynamics_description, env, max_steps, chunk_size, devices):
+    """The jitted, sharded program: (dynamics arrays, agent_index (T,),
+    covariates (T, P), keys (T, 2)) -> returns (T,), T a multiple of the
+    number of devices; cached per static configuration."""
+    mesh = Mesh(np.asarray(devices), (BATCH_AXIS,))
+    batch = PartitionSpec(BATCH_AXIS)
+
+    def episode(dynamics_arrays, agent_index, covariates, key):
+        dynamics_for_agent = _join_static(dynamics_arrays, dynamics_description)
+        params = env.covariates_to_params(covariates)
+        dynamics = dynamics_for_agent(agent_index, covariates)
+        return episode_return(key, planner, dynamics, env, params, max_steps)
+
+    def local(dynamics_arrays, agent_index, covariates, keys):
+        run = functools.partial(episode, dynamics_arrays)
+        if chunk_size is None:
+            return jax.vmap(run)(agent_index, covariates, keys)
+        return jax.lax.map(lambda x: run(*x), (agent_index, covariates, keys),
+                           batch_size=chunk_size)
+
+    sharded = jax.shard_map(local, mesh=mesh, in_specs=(PartitionSpec(), batch, batch, batch),
+                            out_specs=batch,
+                            # Nothing here communicates across devices; skip the
+                            # varying-axis type checks that planner-state carries
+                            # created inside the body would otherwise trip.
+                            check_vma=False)
+    replicated = NamedSharding(mesh, PartitionSpec())
+    split = NamedSharding(mesh, batch)
+    return jax.jit(sharded, in_shardings=(replicated, split, split, split), out_shardings=split)
+
+
+def _global_array(values: np.ndarray, sharding) -> jax.Array:
+    """A global array from host data that every process holds in full (works
+    on one host and under `jax.distributed.initialize()`)."""
+    return jax.make_array_from_callback(values.shape, sharding, lambda index: values[index])
+
+
+def run_episodes(
+    key: jax.Array,
+    planner: planning.Planner,
+    dynamics_for_agent: DynamicsForAgent,
+    env,
+    covariates,
+    num_episodes: int,
+    *,
+    max_steps: int | None = None,
+    chunk_size: int | None = None,
+    devices: Sequence[jax.Device] | None = None,
+    allow_extrapolation: bool = False,
+) -> np.ndarray:
+    """Returns of MPC episodes of every agent, all in one compiled program.
+
+    Episode e of agent a uses the key `jax.random.split(key, A * E)[a * E + e]`,
+    whatever the devices and chunking, so results do not depend on them.
+
+    Args:
+      key: PRNG key.
+      planner: a `planning.Planner` (e.g. `planning.paper_planner(env)`).
+      dynamics_for_agent: `(agent_index () int, covariates (P,)) -> dynamics`,
+        e.g. `simulator_dynamics_for_agent(simulator)` or
+        `true_env_dynamics_for_agent(env)`. Traced inside the program; array
+        leaves of a pytree callable are passed as arguments.
+      env: the environment (each agent stepped with its own physics).
+      covariates: (A, P) the agents' covariates.
+      num_episodes: E episodes per agent.
+      max_steps: steps per episode; default `env.max_episode_steps`.
+      chunk_size: episodes a device runs at once (`lax.map` over chunks);
+        None runs its whole share at once. Lower it to bound memory.
+      devices: devices of the mesh; default all (`jax.devices()`, every
+        process's under `jax.distributed.initialize()`).
+      allow_extrapolation: accept covariates outside the paper's ranges.
+
+    Returns:
+      (A, E) float32 numpy array of undiscounted episode returns.
+    """
+    values = env.agents.validate(covariates, allow_extrapolation=allow_extrapolation)
+    if values.ndim != 2:
+        raise ValueError(f"covariates: must have shape (A, {values.shape[-1]}); got {values.shape}")
+    if not isinstance(num_episodes, (int, np.integer)) or num_episodes < 1:
+        raise ValueError(f"num_episodes: must be a positive integer; got {num_episodes!r}")
+    max_steps = env.max_episode_steps if max_steps is None else max_steps
+    if not isinstance(max_steps, (int, np.integer)) or max_steps < 1:
+        raise ValueError(f"max_steps: must be a positive integer; got {max_steps!r}")
+    if chunk_size is not None and (not isinstance(chunk_size, (int, np.integer)) or chunk_size < 1):
+        raise ValueError(f"chunk_size: must be a positive integer or None; got {chunk_size!r}")
+    if not isinstance(planner, planning.Planner):
+        raise ValueError(f"planner: expected a planning.Planner; got {type(planner).__name__}")
+    devices = tuple(jax.devices() if devices is None else devices)
+    if not devices:
+        raise ValueError("devices: empty")
+
+    num_agents = values.shape[0]
+    total = num_agents * num_episodes
+    padded = math.ceil(total / len(devices)) * len(devices)
+    take = np.minimum(np.arange(padded), total - 1)      # pad with copies of the last
+    agent_index = np.repeat(np.arange(num_agents, dtype=np.int32), num_episodes)[take]
+    agent_covariates = np.repeat(values.astype(np.float32), num_episodes, axis=0)[take]
+    keys = jax.random.split(key, total)
+    if jax.dtypes.issubdtype(keys.dtype, jax.dtypes.prng_key):
+        keys = jax.random.key_data(keys)
+    keys = np.asarray(keys)[take]
+
+    arrays, description = _split_static(dynamics_for_agent)
+    program = _compiled_episodes(planner, description, env, int(max_steps),
+                                 None if chunk_size is None else int(chunk_size), devices)
+    mesh = Mesh(np.asarray(devices), (BATCH_AXIS,))
+    split = NamedSharding(mesh, PartitionSpec(BATCH_AXIS))
+    inputs = [_global_array(x, split) for x in (agent_index, agent_covariates, keys)]
+    replicated = NamedSharding(mesh, PartitionSpec())
+    arrays = [_global_array(np.asarray(x), replicated) for x in arrays]
+    returns = program(arrays, *inputs)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        returns = multihost_utils.process_allgather(returns, tiled=True)
+    returns = np.asarray(returns)[:total]
+    return returns.reshape(num_agents, num_episodes)
