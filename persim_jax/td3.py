@@ -6,8 +6,8 @@ authors' test actor: 18 -> 256 -> 256 -> 6, tanh). Each agent has its own
 actor, twin critic, target networks, Adam states, replay buffer (arrays in a
 pytree) and `num_envs` copies of its environment. One training step of one
 agent plays one noisy action in each env, stores the transitions and takes
-`updates_per_step` critic updates (the actor and the targets every
-`policy_delay`-th); `vmap` lifts it to K agents and `lax.scan` runs
+one critic update; every `policy_delay` steps the actor and the target
+networks are updated once. `vmap` lifts this to K agents and `lax.scan` runs
 `eval_every` steps inside one jitted call. The Python loop outside only
 evaluates, keeps each agent's best actor, reports progress and checkpoints.
 """
@@ -65,7 +65,6 @@ def train(
     key: jax.Array,
     num_timesteps: int = 200_000,
     num_envs: int = 1,
-    updates_per_step: int = 1,
     hidden: tuple[int, ...] = (256, 256),
     actor_learning_rate: float = 3e-4,
     critic_learning_rate: float = 3e-4,
@@ -92,10 +91,9 @@ def train(
       covariates: (K, P) the agents to train on.
       key: PRNG key.
       num_timesteps: vectorised env steps (each agent sees num_timesteps ×
-        num_envs transitions and takes num_timesteps × updates_per_step
-        critic updates).
+        num_envs transitions and takes one critic update per step, one actor
+        update every `policy_delay` steps).
       num_envs: env copies per agent, stepped in parallel.
-      updates_per_step: critic updates per vectorised env step.
       hidden: hidden widths of actor and critics (the authors': 256, 256).
       actor_learning_rate, critic_learning_rate, batch_size, buffer_size,
       discount, tau, exploration_noise, policy_noise, noise_clip,
@@ -126,11 +124,13 @@ def train(
     if covariates.ndim != 2:
         raise ValueError(f"covariates must have shape (K, P); got {covariates.shape}")
     for name, value in (("num_timesteps", num_timesteps), ("num_envs", num_envs),
-                        ("updates_per_step", updates_per_step), ("batch_size", batch_size),
+                        ("batch_size", batch_size),
                         ("buffer_size", buffer_size), ("policy_delay", policy_delay),
                         ("eval_every", eval_every), ("eval_episodes", eval_episodes)):
         if int(value) < 1:
             raise ValueError(f"{name} must be >= 1; got {value}")
+    if eval_every % policy_delay:
+        raise ValueError(f"eval_every ({eval_every}) must be a multiple of policy_delay ({policy_delay})")
     k = covariates.shape[0]
     actor_net = policies.Actor(action_dim=env.action_dim, hidden=tuple(hidden))
     critic_net = policies.Critic(hidden=tuple(hidden))
@@ -173,35 +173,35 @@ def train(
         q1, _ = critic_net.apply(critic, obs, actor_net.apply(actor, obs))
         return -jnp.mean(q1)
 
-    def update(agent: AgentState, key):
+    def sample_batch(buf: ReplayBuffer, key):
+        rows = jax.random.randint(key, (batch_size,), 0, jnp.maximum(buf.size, 1))
+        return jax.tree.map(lambda x: x[rows], (buf.obs, buf.action, buf.reward, buf.next_obs,
+                                                buf.terminal))
+
+    def critic_update(agent: AgentState, key):
         batch_key, noise_key = jax.random.split(key)
-        buf = agent.buffer
-        rows = jax.random.randint(batch_key, (batch_size,), 0, jnp.maximum(buf.size, 1))
-        batch = jax.tree.map(lambda x: x[rows], (buf.obs, buf.action, buf.reward, buf.next_obs,
-                                                 buf.terminal))
+        batch = sample_batch(agent.buffer, batch_key)
         (critic_loss, q_mean), grads = jax.value_and_grad(critic_loss_fn, has_aux=True)(
             agent.critic, agent, batch, noise_key)
         updates, critic_opt = critic_optimizer.update(grads, agent.critic_opt, agent.critic)
         critic = optax.apply_updates(agent.critic, updates)
+        return agent.replace(critic=critic, critic_opt=critic_opt,
+                             updates=agent.updates + 1), (critic_loss, q_mean)
 
-        # Delayed policy and target updates; under vmap a cond would run both
-        # branches anyway, so compute and select.
-        actor_grads = jax.grad(actor_loss_fn)(agent.actor, critic, batch[0])
-        actor_updates, actor_opt = actor_optimizer.update(actor_grads, agent.actor_opt, agent.actor)
-        actor = optax.apply_updates(agent.actor, actor_updates)
-        target_actor = optax.incremental_update(actor, agent.target_actor, tau)
-        target_critic = optax.incremental_update(critic, agent.target_critic, tau)
-        delayed = agent.updates % policy_delay == 0
-        pick = lambda new, old: jax.tree.map(lambda a, b: jnp.where(delayed, a, b), new, old)
-        agent = agent.replace(
-            critic=critic, critic_opt=critic_opt, actor=pick(actor, agent.actor),
-            actor_opt=pick(actor_opt, agent.actor_opt),
-            target_actor=pick(target_actor, agent.target_actor),
-            target_critic=pick(target_critic, agent.target_critic),
-            updates=agent.updates + 1)
-        return agent, (critic_loss, q_mean)
+    def actor_update(agent: AgentState):
+        # The delayed policy update and the soft target updates (TD3).
+        key, batch_key = jax.random.split(agent.key)
+        obs = sample_batch(agent.buffer, batch_key)[0]
+        grads = jax.grad(actor_loss_fn)(agent.actor, agent.critic, obs)
+        updates, actor_opt = actor_optimizer.update(grads, agent.actor_opt, agent.actor)
+        actor = optax.apply_updates(agent.actor, updates)
+        return agent.replace(
+            actor=actor, actor_opt=actor_opt, key=key,
+            target_actor=optax.incremental_update(actor, agent.target_actor, tau),
+            target_critic=optax.incremental_update(agent.critic, agent.target_critic, tau))
 
-    def train_step(agent: AgentState, env_params):
+    def env_step(agent: AgentState, env_params):
+        """One noisy action in each env copy, stored; then one critic update."""
         key, noise_key, random_key, env_key, update_key = jax.random.split(agent.key, 5)
         action = actor_net.apply(agent.actor, agent.obs)
         noise = exploration_noise * jax.random.normal(noise_key, action.shape)
@@ -222,10 +222,20 @@ def train(
             size=jnp.minimum(buf.size + num_envs, buffer_size))
         agent = agent.replace(buffer=buf, env_state=env_state, obs=obs.astype(jnp.float32),
                               key=key, step=agent.step + 1)
-        updated, (critic_loss, q_mean) = jax.lax.scan(
-            update, agent, jax.random.split(update_key, updates_per_step))
-        learn = jnp.logical_not(warmup)
-        agent = jax.tree.map(lambda a, b: jnp.where(learn, a, b), updated, agent)
+        updated, metrics = critic_update(agent, update_key)
+        return keep_if(jnp.logical_not(warmup), updated, agent), metrics
+
+    def keep_if(condition, new, old):
+        return jax.tree.map(lambda a, b: jnp.where(condition, a, b), new, old)
+
+    def train_block(agent: AgentState, env_params):
+        """`policy_delay` env steps, each with a critic update, then one actor
+        and target update: TD3's delay as a static structure, so that no
+        actor gradient is computed and discarded."""
+        agent, (critic_loss, q_mean) = jax.lax.scan(
+            lambda a, _: env_step(a, env_params), agent, None, length=policy_delay)
+        learning = agent.step * num_envs > learning_starts
+        agent = keep_if(learning, actor_update(agent), agent)
         return agent, (jnp.mean(critic_loss), jnp.mean(q_mean))
 
     env_params = env.covariates_to_params(jnp.asarray(covariates))
@@ -240,8 +250,9 @@ def train(
     @functools.partial(jax.jit, donate_argnums=0)
     def run_chunk(agents):
         def body(agents, _):
-            return jax.vmap(train_step)(agents, env_params)
-        agents, (critic_loss, q_mean) = jax.lax.scan(body, agents, None, length=eval_every)
+            return jax.vmap(train_block)(agents, env_params)
+        agents, (critic_loss, q_mean) = jax.lax.scan(body, agents, None,
+                                                     length=eval_every // policy_delay)
         return agents, jnp.mean(critic_loss, axis=0), jnp.mean(q_mean, axis=0)
 
     init_key, eval_key = jax.random.split(key)
