@@ -185,6 +185,18 @@ class CEMConfig:
 # Scoring action sequences
 
 
+def shared_prefix_depth(num_actions: int | None, num_sequences: int, horizon: int) -> int:
+    """How many leading steps `member_returns` computes on the tree of distinct
+    action prefixes: the largest L <= horizon with num_actions^L < num_sequences
+    (0 for continuous actions)."""
+    if num_actions is None or num_actions < 2:
+        return 0
+    depth = 0
+    while depth < horizon and num_actions ** (depth + 1) < num_sequences:
+        depth += 1
+    return depth
+
+
 def member_returns(
     dynamics: Dynamics,
     reward_fn: RewardFn,
@@ -201,20 +213,23 @@ def member_returns(
     """Discounted returns of B action sequences under each of the M members.
 
     Args:
-      dynamics: the dynamics contract of this module.
+      dynamics: the dynamics contract of this module (deterministic).
       reward_fn: R(obs, action, next_obs) broadcasting over leading axes.
       terminated_fn: termination of next_obs (leading axes), or None.
       obs: (D,) the current state ŝ_0.
       actions: (B, H) int or (B, H, A) float candidate sequences.
       discount: γ.
       propagation: "members" or "ensemble_mean" (see `RandomShootingConfig`).
-      position_bonus: shaping weight w: adds w · max_τ ŝ_τ[position_index] at
-        every step (τ from 0 to the terminal state; not masked, not
+      position_bonus: shaping weight w: adds w · H · max_τ ŝ_τ[position_index]
+        (w per step; τ from 0 to the terminal state; not masked, not
         discounted, as the authors' code).
       position_index: the coordinate of the bonus.
-      num_actions: for discrete actions, the number of actions: the first
-        step is then computed once per action (all candidates start from the
-        same state) instead of once per candidate.
+      num_actions: for discrete actions, the number of actions. All
+        candidates start from ŝ_0, so their first L steps
+        (`shared_prefix_depth`) take only num_actions + num_actions² + ... +
+        num_actions^L distinct transitions: those are computed once each, on
+        the tree of action prefixes, instead of L · B times (CartPole
+        1000 × 30: 1022 instead of 9000 transitions). Same result.
 
     Returns:
       (M, B) returns J_m; −inf where the rollout blew up (NaN/inf state while
@@ -223,25 +238,24 @@ def member_returns(
     obs = jnp.asarray(obs, jnp.float32)
     actions = jnp.asarray(actions)
     num_sequences, horizon = actions.shape[:2]
+    dim = obs.shape[-1]
     steps = jnp.swapaxes(actions, 0, 1)                                  # (H, B, ...)
-    batch_obs = jnp.broadcast_to(obs, (num_sequences, obs.shape[-1]))
+    depth = shared_prefix_depth(num_actions, num_sequences, horizon)
 
-    # First step: every candidate starts from ŝ_0.
-    if num_actions is not None and num_actions < num_sequences:
-        # Deterministic dynamics: only num_actions distinct transitions.
-        each = dynamics(jnp.broadcast_to(obs, (num_actions, obs.shape[-1])),
-                        jnp.arange(num_actions, dtype=steps.dtype))     # (M, nA, D)
-        first = jnp.take(each, steps[0], axis=1)                         # (M, B, D)
-    else:
-        first = dynamics(batch_obs, steps[0])
-    num_members = first.shape[0]
+    def feed(predicted):
+        """The states the next step starts from: each member's own, or the
+        ensemble mean for every member."""
+        if propagation == "members":
+            return predicted
+        return jnp.broadcast_to(jnp.mean(predicted, axis=0), predicted.shape)
 
-    def transition(state, next_state, action, alive, finite, total, best, weight):
-        """Accumulates one step of every member; shapes (M, B[, D])."""
-        action_m = jnp.broadcast_to(action, (num_members, *action.shape))
+    def accumulate(carry, transition):
+        """Adds one step of every member; (M, B[, D]) shapes."""
+        alive, finite, total, best, weight = carry
+        state, action, next_state = transition
+        action_m = jnp.broadcast_to(action, (next_state.shape[0], *action.shape))
         reward = reward_fn(state, action_m, next_state)
-        now_finite = jnp.all(jnp.isfinite(next_state), axis=-1)
-        finite = finite & (now_finite | ~alive)
+        finite = finite & (jnp.all(jnp.isfinite(next_state), axis=-1) | ~alive)
         ended = (terminated_fn(next_state) if terminated_fn is not None
                  else jnp.zeros(next_state.shape[:-1], bool))
         # The step that first reaches a terminal state is masked too (authors).
@@ -249,31 +263,49 @@ def member_returns(
         total = total + weight * jnp.where(counted, reward, 0.0)
         if position_bonus:
             best = jnp.where(alive, jnp.maximum(best, next_state[..., position_index]), best)
-        return counted, finite, total, best
+        return (counted, finite, total, best, weight * discount)
 
-    start = jnp.broadcast_to(batch_obs, (num_members, *batch_obs.shape))
-    alive = jnp.ones((num_members, num_sequences), bool)
-    best = start[..., position_index]
-    alive, finite, total, best = transition(
-        start, first, steps[0], alive, alive, jnp.zeros(alive.shape, jnp.float32), best, 1.0)
+    if depth:
+        # Level t holds the states after each of the num_actions^t prefixes;
+        # child i · nA + j of node i took action j. A Python loop: the levels
+        # differ in size (depth <= log_nA(B), about 10).
+        children = jnp.arange(num_actions, dtype=steps.dtype)
+        predicted = dynamics(jnp.broadcast_to(obs, (num_actions, dim)), children)
+        levels, inputs = [predicted], [jnp.broadcast_to(obs, (predicted.shape[0], 1, dim))]
+        for _ in range(1, depth):
+            fed = feed(levels[-1])
+            inputs.append(fed)
+            levels.append(dynamics(jnp.repeat(fed, num_actions, axis=1),
+                                   jnp.tile(children, fed.shape[1])))
+        num_members = predicted.shape[0]
+        # Each candidate's node at every level: its prefix read in base nA.
+        node = jnp.zeros((num_sequences,), jnp.int32)
+        fed_states, next_states = [], []
+        for t in range(depth):
+            fed_states.append(jnp.take(inputs[t], node, axis=1))
+            node = node * num_actions + steps[t].astype(jnp.int32)
+            next_states.append(jnp.take(levels[t], node, axis=1))
+        prefix = (jnp.stack(fed_states), steps[:depth], jnp.stack(next_states))
+        first_state = jnp.broadcast_to(obs, (num_members, num_sequences, dim))
+    else:
+        predicted = dynamics(jnp.broadcast_to(obs, (num_sequences, dim)), steps[0])
+        num_members = predicted.shape[0]
+        first_state = jnp.broadcast_to(obs, predicted.shape)
+        prefix = (first_state[None], steps[:1], predicted[None])
+        depth = 1
+
+    shape = (num_members, num_sequences)
+    carry = (jnp.ones(shape, bool), jnp.ones(shape, bool), jnp.zeros(shape, jnp.float32),
+             jnp.broadcast_to(first_state[..., position_index], shape), jnp.float32(1.0))
+    carry, _ = jax.lax.scan(lambda c, x: (accumulate(c, x), None), carry, prefix)
 
     def step(carry, action):
-        state, alive, finite, total, best, weight = carry
-        if propagation == "members":
-            next_state = dynamics(state, action)
-        else:
-            next_state = dynamics(jnp.mean(state, axis=0), action)
-        alive, finite, total, best = transition(
-            state, next_state, action, alive, finite, total, best, weight)
-        if propagation == "ensemble_mean":
-            # Rewards are charged per member; the state fed on is the mean.
-            next_state = jnp.broadcast_to(jnp.mean(next_state, axis=0), next_state.shape)
-        return (next_state, alive, finite, total, best, weight * discount), None
+        state, accumulated = carry
+        next_state = dynamics(state, action)
+        return (feed(next_state), accumulate(accumulated, (state, action, next_state))), None
 
-    if propagation == "ensemble_mean":
-        first = jnp.broadcast_to(jnp.mean(first, axis=0), first.shape)
-    carry = (first, alive, finite, total, best, jnp.float32(discount))
-    (_, _, finite, total, best, _), _ = jax.lax.scan(step, carry, steps[1:])
+    (_, carry), _ = jax.lax.scan(step, (feed(prefix[2][-1]), carry), steps[depth:])
+    _, finite, total, best, _ = carry
     if position_bonus:
         total = total + position_bonus * horizon * best
     ok = finite & jnp.isfinite(total)
@@ -507,10 +539,26 @@ def _fold_member(params, stats, config, agent_id):
     return {"state": layers, "action": action_layers, "delta_mean": stats.delta_mean}
 
 
+# A first layer with at most this many inputs (CartPole 4, MountainCar 2) is
+# computed as a sum of broadcast products, which XLA fuses with the bias and
+# ReLU into one loop; as a matmul it would run far below the matmul rate.
+SMALL_FAN_IN = 8
+
+
+def _dense(layer, x):
+    kernel, bias = layer["kernel"], layer["bias"]
+    if kernel.shape[0] <= SMALL_FAN_IN:
+        out = bias
+        for i in range(kernel.shape[0]):
+            out = out + x[..., i:i + 1] * kernel[i]
+        return out
+    return x @ kernel + bias
+
+
 def _mlp(layers, x):
     for layer in layers[:-1]:
-        x = jax.nn.relu(x @ layer["kernel"] + layer["bias"])
-    return x @ layers[-1]["kernel"] + layers[-1]["bias"]
+        x = jax.nn.relu(_dense(layer, x))
+    return _dense(layers[-1], x)
 
 
 def _member_next_obs(folded, config, obs, action):

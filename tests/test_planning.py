@@ -39,8 +39,10 @@ def quadratic_reward(obs, action, next_obs):
 DISCRETE_STEPS = jnp.array([-0.25, 0.0, 0.25])
 
 
-def test_member_returns_match_a_python_loop():
-    # Two members with different drifts; termination at |s| > 1; bonus on s.
+@pytest.mark.parametrize("num_actions, propagation", [
+    (None, "members"), (3, "members"), (3, "ensemble_mean")])   # 3: first steps on the prefix tree
+def test_member_returns_match_a_python_loop(num_actions, propagation):
+    # Two members with different drifts; termination at |s| > 0.95; bonus on s.
     drift = np.array([0.1, -0.3])
 
     def dynamics(obs, action):
@@ -52,7 +54,7 @@ def test_member_returns_match_a_python_loop():
     def reward(obs, action, next_obs):
         return next_obs[..., 0] - 0.5 * obs[..., 0]
 
-    def terminated(next_obs):     # states are multiples of 0.1: no ties at 0.95
+    def terminated(next_obs):     # states are multiples of 0.1 (members): no ties at 0.95
         return jnp.abs(next_obs[..., 0]) > 0.95
 
     rng = np.random.default_rng(0)
@@ -60,18 +62,22 @@ def test_member_returns_match_a_python_loop():
     s0, gamma, bonus = 0.2, 0.9, 0.05
     got = np.asarray(planning.member_returns(
         dynamics, reward, terminated, jnp.array([s0]), jnp.asarray(actions), discount=gamma,
-        position_bonus=bonus, num_actions=3))
+        propagation=propagation, position_bonus=bonus, num_actions=num_actions))
     expected = np.zeros((2, 64))
-    for m, b in itertools.product(range(2), range(64)):
-        s, total, best = s0, 0.0, s0
+    for b in range(64):
+        fed = np.array([s0, s0])
+        alive, total, best = np.ones(2, bool), np.zeros(2), np.array([s0, s0])
         for t, a in enumerate(actions[b]):
-            next_s = s + (a - 1.0) * 0.4 + drift[m]
-            best = max(best, next_s)
-            if abs(next_s) > 0.95:      # the terminating step already earns nothing
-                break
-            total += gamma ** t * (next_s - 0.5 * s)
-            s = next_s
-        expected[m, b] = total + bonus * len(actions[b]) * best
+            predicted = fed + (a - 1.0) * 0.4 + drift
+            for m in range(2):
+                if alive[m]:
+                    best[m] = max(best[m], predicted[m])
+                    if abs(predicted[m]) > 0.95:    # the terminating step earns nothing
+                        alive[m] = False
+                    else:
+                        total[m] += gamma ** t * (predicted[m] - 0.5 * fed[m])
+            fed = predicted if propagation == "members" else np.full(2, predicted.mean())
+        expected[:, b] = total + bonus * len(actions[b]) * best
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
 
 
@@ -294,6 +300,28 @@ def test_true_env_dynamics_equal_the_env_step(name):
     # The per-member form (1, B, D) is the same step.
     np.testing.assert_array_equal(np.asarray(jax.jit(dynamics)(got, action)),
                                   np.asarray(jax.jit(dynamics)(got[0], action)))
+
+
+def test_halfcheetah_state_rebuilt_from_obs_steps_like_the_real_state():
+    # The observation lacks the torso x (irrelevant) and MuJoCo's solver warm
+    # start (reset by `state_from_obs`): one step from the rebuilt state must
+    # still match the real one to solver tolerance. One compiled step serves
+    # all three calls (MJX compiles slowly on CPU).
+    env = envs.make("halfcheetah")
+    params = env.agent_params(np.array([1.7, 0.3]))
+    step = jax.jit(jax.vmap(env.step_env, in_axes=(0, 0, 0, None)))
+    keys = jax.random.split(jax.random.PRNGKey(0), 8)
+    _, state = jax.vmap(env.reset, in_axes=(0, None))(keys, params)
+    state = state.replace(data=state.data.replace(
+        qvel=jax.random.normal(jax.random.PRNGKey(1), (8, 9))))
+    first, second = jax.random.uniform(jax.random.PRNGKey(2), (2, 8, 6), minval=-1, maxval=1)
+    obs, state, _, _, _ = step(keys, state, first, params)
+    assert np.abs(np.asarray(state.data.qacc_warmstart)).max() > 1.0   # a real warm start
+    expected, _, _, _, _ = step(keys, state, second, params)
+    rebuilt = jax.jit(jax.vmap(lambda o: planning.state_from_obs(env, o, params)))(obs)
+    np.testing.assert_array_equal(np.asarray(jax.vmap(env.get_obs)(rebuilt)), np.asarray(obs))
+    got, _, _, _, _ = step(keys, rebuilt, second, params)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(expected), rtol=1e-4, atol=1e-3)
 
 
 def test_config_validation_names_the_field():
