@@ -81,6 +81,7 @@ def train(
     eval_episodes: int = 2,
     init_state: dict | None = None,
     max_seconds: float | None = None,
+    stop_returns=None,
     progress_fn: Callable[[int, dict], None] | None = None,
     checkpoint_fn: Callable[[Any, np.ndarray, dict], None] | None = None,
 ) -> tuple[Any, np.ndarray, list[dict]]:
@@ -107,6 +108,8 @@ def train(
         networks start equal to them and the buffer starts empty.
       max_seconds: wall-clock budget: training stops after the first
         evaluation past it (None: run all num_timesteps).
+      stop_returns: optional (K,) returns at which to stop early, once every
+        agent's best evaluation has reached its own.
       progress_fn: called as progress_fn(step, metrics) after each
         evaluation; metrics has `returns` (K,), `best_returns` (K,),
         `critic_loss` (K,), `q_mean` (K,), `elapsed_s`.
@@ -289,5 +292,7 @@ def train(
             checkpoint_fn(best_params, best_returns,
                           {"actor": agents.actor, "critic": agents.critic})
         if max_seconds is not None and time.time() - start > max_seconds:
+            break
+        if stop_returns is not None and np.all(best_returns >= np.asarray(stop_returns)):
             break
     return best_params, best_returns, history
