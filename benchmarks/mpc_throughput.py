@@ -48,6 +48,11 @@ _BATCHED_EPISODES = flags.DEFINE_integer("batched_episodes", 20, "Episodes per a
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed repeats; the best is reported.")
 _BATCHED_REPEATS = flags.DEFINE_integer(
     "batched_repeats", 0, "Timed repeats of batched calls (0: as --repeats, 1 for halfcheetah).")
+_CHUNK = flags.DEFINE_integer(
+    "chunk", 0, "Plans of the batched call computed at once (`lax.map` batch size, as "
+    "`run_episodes(chunk_size=...)`); 0: all at once (vmap).")
+_MODES = flags.DEFINE_list("modes", ["single", "batched"], "single: one plan per call; "
+                           "batched: batched_agents × batched_episodes plans per call.")
 _MATMUL = flags.DEFINE_bool("matmul", True, "Measure the dense matmul rate.")
 
 
@@ -104,7 +109,8 @@ def flops_per_transition(config: model.ModelConfig) -> tuple[int, int]:
     return state + action + contraction, state + action + contraction
 
 
-def measure(name: str, num_plans: int, repeats: int, matmul_rate: float | None) -> dict:
+def measure(name: str, num_plans: int, repeats: int, matmul_rate: float | None,
+            chunk: int = 0) -> dict:
     env = envs.make(name)
     simulator = paper_simulator(name, env)
     planner = planning.paper_planner(env)
@@ -124,6 +130,9 @@ def measure(name: str, num_plans: int, repeats: int, matmul_rate: float | None) 
     if num_plans == 1:
         fn = jax.jit(one_plan)
         args = (keys[0], jax.tree.map(lambda x: x[0], state), obs[0], agent_ids[0])
+    elif chunk and chunk < num_plans:
+        fn = jax.jit(lambda *xs: jax.lax.map(lambda x: one_plan(*x), xs, batch_size=chunk))
+        args = (keys, state, obs, agent_ids)
     else:
         fn = jax.jit(jax.vmap(one_plan))
         args = (keys, state, obs, agent_ids)
@@ -150,6 +159,7 @@ def measure(name: str, num_plans: int, repeats: int, matmul_rate: float | None) 
         "model_flops_per_s": round(rate * nominal, 1),
         "executed_flops_per_transition": executed,
         "executed_flops_per_s": round(rate * executed, 1),
+        "chunk": chunk if 1 < num_plans and 0 < chunk < num_plans else num_plans,
         "temp_bytes": None if memory is None else int(memory.temp_size_in_bytes),
     }
     if matmul_rate:
@@ -172,9 +182,12 @@ def main(argv):
               "best_flops_per_s": round(matmul_rate, 1), **machine()})
     batched = _BATCHED_AGENTS.value * _BATCHED_EPISODES.value
     for name in _SETTINGS.value:
-        emit(measure(name, 1, _REPEATS.value, matmul_rate))
+        if "single" in _MODES.value:
+            emit(measure(name, 1, _REPEATS.value, matmul_rate))
+        if "batched" not in _MODES.value:
+            continue
         repeats = _BATCHED_REPEATS.value or (1 if name == "halfcheetah" else _REPEATS.value)
-        record = measure(name, batched, repeats, matmul_rate)
+        record = measure(name, batched, repeats, matmul_rate, _CHUNK.value)
         record.update(batched_agents=_BATCHED_AGENTS.value,
                       batched_episodes=_BATCHED_EPISODES.value)
         emit(record)
