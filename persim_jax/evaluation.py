@@ -223,8 +223,12 @@ def run_episodes(
       covariates: (A, P) the agents' covariates.
       num_episodes: E episodes per agent.
       max_steps: steps per episode; default `env.max_episode_steps`.
-      chunk_size: episodes a device runs at once (`lax.map` over chunks);
-        None runs its whole share at once. Lower it to bound memory.
+      chunk_size: episodes a device runs at once (`lax.map` over chunks of
+        its share). None: 1 on CPU devices, where one episode at a time
+        keeps a rollout step's activations in cache and is the fastest
+        (vmapping 20 CartPole episodes at once is ~3x slower per plan on 2
+        cores), and the whole share at once on accelerators. Peak memory is
+        proportional to it (module docstring).
       devices: devices of the mesh; default all (`jax.devices()`, every
         process's under `jax.distributed.initialize()`).
       allow_extrapolation: accept covariates outside the paper's ranges.
@@ -247,6 +251,8 @@ def run_episodes(
     devices = tuple(jax.devices() if devices is None else devices)
     if not devices:
         raise ValueError("devices: empty")
+    if chunk_size is None and devices[0].platform == "cpu":
+        chunk_size = 1
 
     num_agents = values.shape[0]
     total = num_agents * num_episodes

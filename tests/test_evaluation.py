@@ -95,12 +95,14 @@ SHARDING_SCRIPT = textwrap.dedent("""
     four = evaluation.run_episodes(*args, max_steps=60)
     one = evaluation.run_episodes(*args, max_steps=60, devices=jax.devices()[:1])
     chunked = evaluation.run_episodes(*args, max_steps=60, chunk_size=2)
+    at_once = evaluation.run_episodes(*args, max_steps=60, chunk_size=64)
     np.testing.assert_array_equal(four, one)
     np.testing.assert_array_equal(four, chunked)
+    np.testing.assert_array_equal(four, at_once)
     assert four.shape == (3, 3) and len(np.unique(four)) > 1, four
     # One program per device: no collective anywhere in the compiled step loop.
     program = evaluation._compiled_episodes(
-        planner, evaluation._split_static(dynamics)[1], env, 60, None, tuple(jax.devices()))
+        planner, evaluation._split_static(dynamics)[1], env, 60, 1, tuple(jax.devices()))
     hlo = program.lower([], np.zeros(12, np.int32), np.zeros((12, 2), np.float32),
                         np.zeros((12, 2), np.uint32)).compile().as_text()
     for op in ("all-gather", "all-reduce", "all-to-all", "collective-permute"):
