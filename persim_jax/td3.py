@@ -80,6 +80,7 @@ def train(
     eval_every: int = 10_000,
     eval_episodes: int = 2,
     init_state: dict | None = None,
+    init_best: tuple[Any, Any] | None = None,
     max_seconds: float | None = None,
     stop_returns=None,
     progress_fn: Callable[[int, dict], None] | None = None,
@@ -105,7 +106,11 @@ def train(
       eval_episodes: deterministic episodes per agent at each evaluation.
       init_state: optional dict with stacked `actor`, `critic` params (e.g.
         from a previous run's `checkpoint_fn`) to start from; their target
-        networks start equal to them and the buffer starts empty.
+        networks start equal to them and the buffer starts empty, filled
+        during `learning_starts` with the actor's noisy actions (not uniform
+        ones).
+      init_best: optional (stacked actors, (K,) returns) to beat: an agent's
+        best is replaced only by a better evaluation.
       max_seconds: wall-clock budget: training stops after the first
         evaluation past it (None: run all num_timesteps).
       stop_returns: optional (K,) returns at which to stop early, once every
@@ -140,6 +145,7 @@ def train(
     actor_optimizer = optax.adam(actor_learning_rate)
     critic_optimizer = optax.adam(critic_learning_rate)
     action_dim = env.action_dim
+    random_warmup = init_state is None
 
     def init_agent(key, env_params, actor=None, critic=None):
         actor_key, critic_key, reset_key, key = jax.random.split(key, 4)
@@ -210,7 +216,8 @@ def train(
         noise = exploration_noise * jax.random.normal(noise_key, action.shape)
         action = jnp.clip(action + noise, -1.0, 1.0)
         warmup = agent.step * num_envs < learning_starts
-        action = jnp.where(warmup, policies.random_action(env, random_key, (num_envs,)), action)
+        if random_warmup:
+            action = jnp.where(warmup, policies.random_action(env, random_key, (num_envs,)), action)
         batched = jax.tree.map(lambda x: jnp.broadcast_to(x, (num_envs,)), env_params)
         obs, env_state, reward, _, info = jax.vmap(env.step)(
             jax.random.split(env_key, num_envs), agent.env_state, action, batched)
@@ -259,10 +266,14 @@ def train(
         return agents, jnp.mean(critic_loss, axis=0), jnp.mean(q_mean, axis=0)
 
     init_key, eval_key = jax.random.split(key)
-    init_state = init_state or {}
-    agents = init_all(init_key, init_state.get("actor"), init_state.get("critic"))
-    best_params = jax.tree.map(jnp.copy, agents.actor)
-    best_returns = np.full(k, -np.inf)
+    agents = init_all(init_key, *((init_state["actor"], init_state["critic"]) if init_state
+                                  else (None, None)))
+    if init_best is not None:
+        best_params = jax.tree.map(jnp.asarray, init_best[0])
+        best_returns = np.asarray(init_best[1], np.float64).copy()
+    else:
+        best_params = jax.tree.map(jnp.copy, agents.actor)
+        best_returns = np.full(k, -np.inf)
     history = []
     start = time.time()
     num_chunks = -(-num_timesteps // eval_every)
