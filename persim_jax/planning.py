@@ -57,6 +57,13 @@ TerminatedFn = Callable[[Array], Array]
 AGGREGATIONS = ("min", "mean")
 PROPAGATIONS = ("members", "ensemble_mean")
 
+# On a CPU, roll out at most this many candidates at once (`rollout_chunk="auto"`):
+# with M = 5 members and 256-wide layers one chunk's activations (~1.3 MB) stay
+# in the core's cache for the whole step. Random shooting's 1000 candidates
+# then run as 4 chunks of 250, ~20 % faster on 2 cores than all at once; CEM's
+# 200 samples stay one batch (smaller matmuls would be slower there).
+CPU_ROLLOUT_CHUNK = 256
+
 # MountainCar's planning objective adds 0.01 · max predicted position per step
 # (the authors' shaping bonus; see DESIGN.md).
 MOUNTAINCAR_POSITION_BONUS = 0.01
@@ -77,6 +84,8 @@ def _check_objective(config) -> None:
         raise ValueError(f"position_bonus: must be a finite number >= 0; got "
                          f"{config.position_bonus!r}")
     _check_positive(config, "horizon")
+    if config.rollout_chunk not in (None, "auto"):
+        _check_positive(config, "rollout_chunk")
 
 
 def _check_positive(config, *names) -> None:
@@ -105,6 +114,10 @@ class RandomShootingConfig:
         added at every step (MountainCar: 0.01; 0 turns it off).
       position_index: which state coordinate the bonus maximises.
       warm_start: replace candidate 0 by the previous best plan shifted.
+      rollout_chunk: candidates rolled out at once (`lax.map` over chunks
+        after the shared prefix steps); None: all; "auto": at most
+        `CPU_ROLLOUT_CHUNK` on a CPU backend, all on accelerators. Speed and
+        memory only: the scores are the same.
     """
 
     num_actions: int
@@ -116,6 +129,7 @@ class RandomShootingConfig:
     position_bonus: float = 0.0
     position_index: int = 0
     warm_start: bool = True
+    rollout_chunk: int | str | None = "auto"
 
     def __post_init__(self):
         _check_positive(self, "num_actions", "num_candidates")
@@ -140,8 +154,8 @@ class CEMConfig:
       action_low, action_high: the action box; samples are truncated normal
         in it.
       min_std: floor of σ when sampling (keeps a collapsed σ finite).
-      discount, aggregation, propagation, position_bonus, position_index: as
-        in `RandomShootingConfig`.
+      discount, aggregation, propagation, position_bonus, position_index,
+        rollout_chunk: as in `RandomShootingConfig`.
     """
 
     action_dim: int
@@ -160,6 +174,7 @@ class CEMConfig:
     propagation: str = "members"
     position_bonus: float = 0.0
     position_index: int = 0
+    rollout_chunk: int | str | None = "auto"
 
     def __post_init__(self):
         _check_positive(self, "action_dim", "num_samples", "num_elites")
@@ -209,6 +224,7 @@ def member_returns(
     position_bonus: float = 0.0,
     position_index: int = 0,
     num_actions: int | None = None,
+    rollout_chunk: int | str | None = None,
 ) -> Array:
     """Discounted returns of B action sequences under each of the M members.
 
@@ -230,6 +246,8 @@ def member_returns(
         num_actions^L distinct transitions: those are computed once each, on
         the tree of action prefixes, instead of L · B times (CartPole
         1000 × 30: 1022 instead of 9000 transitions). Same result.
+      rollout_chunk: roll the remaining steps out for this many candidates at
+        a time (None: all; "auto": see `RandomShootingConfig`).
 
     Returns:
       (M, B) returns J_m; −inf where the rollout blew up (NaN/inf state while
@@ -304,8 +322,33 @@ def member_returns(
         next_state = dynamics(state, action)
         return (feed(next_state), accumulate(accumulated, (state, action, next_state))), None
 
-    (_, carry), _ = jax.lax.scan(step, (feed(prefix[2][-1]), carry), steps[depth:])
-    _, finite, total, best, _ = carry
+    def rollout(state, accumulated, actions):
+        """The remaining steps of the candidates in `state` (M, b, D)."""
+        (_, accumulated), _ = jax.lax.scan(step, (state, accumulated), actions)
+        return accumulated[:4]
+
+    weight = carry[4]
+    rest = (feed(prefix[2][-1]), *carry[:4], steps[depth:])
+    if rollout_chunk == "auto":
+        rollout_chunk = CPU_ROLLOUT_CHUNK if jax.default_backend() == "cpu" else None
+    num_chunks = 1 if not rollout_chunk else math.ceil(num_sequences / rollout_chunk)
+    if num_chunks <= 1:
+        _, finite, total, best = rollout(rest[0], (*rest[1:5], weight), rest[5])
+    else:
+        # Candidates in chunks, one after the other (lax.map): on a CPU one
+        # chunk's activations then stay in cache for the whole step.
+        size = math.ceil(num_sequences / num_chunks)
+        pad = num_chunks * size - num_sequences
+
+        def split(x):       # (..., B, ...) with B on axis 1 -> (chunks, ..., size, ...)
+            x = jnp.concatenate([x, x[:, :pad]], axis=1) if pad else x
+            x = x.reshape(x.shape[0], num_chunks, size, *x.shape[2:])
+            return jnp.moveaxis(x, 1, 0)
+
+        out = jax.lax.map(lambda x: rollout(x[0], (*x[1:5], weight), x[5]),
+                          tuple(split(x) for x in rest))
+        _, finite, total, best = (
+            jnp.moveaxis(x, 0, 1).reshape(num_members, -1)[:, :num_sequences] for x in out)
     if position_bonus:
         total = total + position_bonus * horizon * best
     ok = finite & jnp.isfinite(total)
@@ -328,7 +371,8 @@ def score_sequences(dynamics: Dynamics, reward_fn: RewardFn, terminated_fn: Term
     returns = member_returns(
         dynamics, reward_fn, terminated_fn, obs, actions, discount=config.discount,
         propagation=config.propagation, position_bonus=config.position_bonus,
-        position_index=config.position_index, num_actions=num_actions)
+        position_index=config.position_index, num_actions=num_actions,
+        rollout_chunk=config.rollout_chunk)
     scores = aggregate(returns, config.aggregation)
     return jnp.where(jnp.isnan(scores), -jnp.inf, scores)
 

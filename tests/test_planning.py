@@ -39,9 +39,12 @@ def quadratic_reward(obs, action, next_obs):
 DISCRETE_STEPS = jnp.array([-0.25, 0.0, 0.25])
 
 
-@pytest.mark.parametrize("num_actions, propagation", [
-    (None, "members"), (3, "members"), (3, "ensemble_mean")])   # 3: first steps on the prefix tree
-def test_member_returns_match_a_python_loop(num_actions, propagation):
+@pytest.mark.parametrize("num_actions, propagation, rollout_chunk", [
+    (None, "members", None),
+    (3, "members", None),          # 3: the first steps on the tree of action prefixes
+    (3, "members", 24),            # 64 candidates in 3 chunks of 22 (2 padded)
+    (3, "ensemble_mean", None)])
+def test_member_returns_match_a_python_loop(num_actions, propagation, rollout_chunk):
     # Two members with different drifts; termination at |s| > 0.95; bonus on s.
     drift = np.array([0.1, -0.3])
 
@@ -62,7 +65,8 @@ def test_member_returns_match_a_python_loop(num_actions, propagation):
     s0, gamma, bonus = 0.2, 0.9, 0.05
     got = np.asarray(planning.member_returns(
         dynamics, reward, terminated, jnp.array([s0]), jnp.asarray(actions), discount=gamma,
-        propagation=propagation, position_bonus=bonus, num_actions=num_actions))
+        propagation=propagation, position_bonus=bonus, num_actions=num_actions,
+        rollout_chunk=rollout_chunk))
     expected = np.zeros((2, 64))
     for b in range(64):
         fed = np.array([s0, s0])
