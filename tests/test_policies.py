@@ -137,12 +137,21 @@ def test_mountaincar_shaping_is_potential_based():
 HALFCHEETAH_BELOW_FLOOR = (1, 2)
 
 
+@pytest.fixture(scope="module")
+def halfcheetah_returns():
+    """(5,) mean returns of the 4 pure and the test HalfCheetah policies over
+    three 1000-step episodes on their own agents (deterministic actors; the
+    spread comes from the N(0, 0.001²) reset noise and an occasional stumble)."""
+    return shipped_returns("halfcheetah", num_episodes=3).mean(axis=1)
+
+
 @needs_halfcheetah
-def test_halfcheetah_shipped_policies():
-    # Three 1000-step episodes per policy (deterministic actors; the spread
-    # comes from the N(0, 0.001²) reset noise and an occasional stumble).
-    returns = shipped_returns("halfcheetah", num_episodes=3).mean(axis=1)
-    pure, floor = returns[:-1], FLOORS["halfcheetah"]["pure"]
-    reaching = [i for i in range(len(pure)) if i not in HALFCHEETAH_BELOW_FLOOR]
-    assert np.all(pure[reaching] >= floor), returns
-    assert returns[-1] >= FLOORS["halfcheetah"]["test"], returns
+@pytest.mark.parametrize("index", [
+    0, 1,
+    pytest.param(2, marks=pytest.mark.xfail(
+        strict=True, reason="pure policy 2 (mass 0.6, damping 0.6) reached 1884 after 240k TD3 "
+        "steps on 2 CPU cores, below the 2000 floor; issue 5 stays open for a retrain")),
+    3, 4])
+def test_halfcheetah_shipped_policies_reach_the_floors(halfcheetah_returns, index):
+    kind = "test" if index == 4 else "pure"
+    assert halfcheetah_returns[index] >= FLOORS["halfcheetah"][kind], halfcheetah_returns
