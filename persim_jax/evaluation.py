@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import functools
 import math
+import warnings
 from typing import Any, Callable, Sequence
 
 import jax
@@ -45,6 +46,8 @@ from flax import struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from persim_jax import planning
+from persim_jax.model import Simulator
+from persim_jax.policies import epsilon_mix, greedy_action
 
 DynamicsForAgent = Callable[[jax.Array, jax.Array], planning.Dynamics]
 
@@ -289,3 +292,225 @@ def run_episodes(
         returns = multihost_utils.process_allgather(returns, tiled=True)
     returns = np.asarray(returns)[:total]
     return returns.reshape(num_agents, num_episodes)
+
+
+# ---------------------------------------------------------------------------
+# Prediction error (open loop, reference/original-code.md 5.2)
+#
+#     err = evaluation.prediction_error(key, simulator, env,
+#                                       policies.load_test_policy(env), env.test_agents)
+#     err.summary()          # {"rmse": [5], "rmse_std": [5], "r2_mean": [5], "r2_median": [5]}
+#
+# Episode e of covariate row a uses the key fold_in(fold_in(key, a), e), and
+# its step i the key fold_in(run key, i): an episode depends neither on
+# num_episodes nor on warmup / horizon (only its length does), and
+# `prediction_trajectories(key, ...)` plays exactly episode 0 of
+# `prediction_error(key, ...)` for every agent.
+
+
+@struct.dataclass
+class PredictionError:
+    """Per-episode open-loop prediction errors.
+
+    Attributes:
+      rmse: (A, E) RMSE in raw units over the valid window states and all
+        dimensions; NaN when no window state is valid.
+      r2: (A, E) variance-weighted R² (time as samples): 1 - Σ_j SS_res,j /
+        Σ_j SS_tot,j over the valid window states; NaN when fewer than 2 are
+        valid or SS_tot is 0.
+    """
+
+    rmse: np.ndarray
+    r2: np.ndarray
+
+    def summary(self) -> dict[str, list[float]]:
+        """Per agent: mean and std (ddof 0) of the RMSE, mean and median of R²,
+        ignoring NaN episodes (NaN where an agent has none scored)."""
+        rmse, r2 = np.asarray(self.rmse, np.float64), np.asarray(self.r2, np.float64)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)   # all-NaN rows
+            out = {"rmse": np.nanmean(rmse, axis=1), "rmse_std": np.nanstd(rmse, axis=1),
+                   "r2_mean": np.nanmean(r2, axis=1), "r2_median": np.nanmedian(r2, axis=1)}
+        return {name: [float(x) for x in values] for name, values in out.items()}
+
+
+def _prediction_episode(env, warmup, horizon, simulator, policy_params, agent_id, env_params,
+                        key, epsilon):
+    """One episode of one agent: (true (W, D), member predictions (M, W, D),
+    valid (W,)) over the scored window, W = horizon + 1."""
+    reset_key, run_key = jax.random.split(key)
+    obs, state = env.reset(reset_key, env_params)
+    obs = obs.astype(jnp.float32)
+    members = jnp.broadcast_to(obs, (simulator.ensemble_size, *obs.shape))
+
+    def step(carry, inputs):
+        obs, state, members, alive = carry
+        i = inputs                                # this step produces state i + 1
+        mix_key, env_key = jax.random.split(jax.random.fold_in(run_key, i))
+        action = greedy_action(env, policy_params, obs)
+        action, _ = epsilon_mix(env, mix_key, action[None], epsilon)
+        action = action[0]
+        next_obs, state, _, terminated, _ = env.step_env(env_key, state, action, env_params)
+        next_obs = next_obs.astype(jnp.float32)
+        # Teacher forcing for the first `warmup` predictions, then each member's own open loop.
+        source = jnp.where(i < warmup, jnp.broadcast_to(obs, members.shape), members)
+        members = simulator.predict_members(agent_id, source, action)
+        valid = alive & (i + 1 <= env.max_episode_steps)   # state i + 1 exists
+        return (next_obs, state, members, alive & ~terminated), (next_obs, members, valid)
+
+    steps = warmup + horizon
+    inputs = jnp.arange(steps)
+    carry = (obs, state, members, jnp.array(True))
+    _, (true, predicted, valid) = jax.lax.scan(step, carry, inputs)
+    start = warmup - 1                            # scan output j is state j + 1
+    return true[start:], jnp.moveaxis(predicted[start:], 0, 1), valid[start:]
+
+
+def _episode_metrics(true, predicted, valid):
+    """() RMSE and variance-weighted R² of one episode's window."""
+    n = jnp.sum(valid)
+    mask = valid[:, None]
+    squared = jnp.where(mask, (predicted - true) ** 2, 0.0)
+    ss_res = jnp.sum(squared)
+    rmse = jnp.where(n > 0, jnp.sqrt(ss_res / jnp.maximum(n * true.shape[-1], 1)), jnp.nan)
+    mean = jnp.sum(jnp.where(mask, true, 0.0), axis=0) / jnp.maximum(n, 1)
+    ss_tot = jnp.sum(jnp.where(mask, (true - mean) ** 2, 0.0))
+    defined = (n >= 2) & (ss_tot > 0)
+    r2 = jnp.where(defined, 1.0 - ss_res / jnp.where(defined, ss_tot, 1.0), jnp.nan)
+    return rmse, r2
+
+
+def _agent_episodes(env, warmup, horizon, num_episodes, simulator, policy_params, key, epsilon,
+                    row, agent_id, covariates):
+    """Window arrays of E episodes of one agent (vmapped over episodes)."""
+    env_params = env.covariates_to_params(covariates)
+    agent_key = jax.random.fold_in(key, row)
+    keys = jax.vmap(lambda e: jax.random.fold_in(agent_key, e))(jnp.arange(num_episodes))
+    return jax.vmap(lambda k: _prediction_episode(env, warmup, horizon, simulator,
+                                                  policy_params, agent_id, env_params, k,
+                                                  epsilon))(keys)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
+def _prediction_error_jit(env, warmup, horizon, num_episodes, simulator, policy_params,
+                          covariates, agent_ids, key, epsilon):
+    """(A, E) RMSE and R²; agents one at a time (`lax.map`), episodes vmapped."""
+    def agent(x):
+        windows = _agent_episodes(env, warmup, horizon, num_episodes, simulator, policy_params,
+                                  key, epsilon, *x)
+        true, members, valid = windows
+        return jax.vmap(_episode_metrics)(true, members.mean(axis=1), valid)
+
+    rows = jnp.arange(covariates.shape[0])
+    return jax.lax.map(agent, (rows, agent_ids, covariates))
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _prediction_trajectories_jit(env, warmup, horizon, simulator, policy_params, covariates,
+                                 agent_ids, key, epsilon):
+    """Episode 0 of every agent: true (A, W, D), member mean (A, W, D), members
+    (A, M, W, D), valid (A, W)."""
+    def agent(row, agent_id, cov):
+        windows = _agent_episodes(env, warmup, horizon, 1, simulator, policy_params, key,
+                                  epsilon, row, agent_id, cov)
+        true, members, valid = jax.tree.map(lambda x: x[0], windows)
+        return true, members.mean(axis=0), members, valid
+
+    return jax.vmap(agent)(jnp.arange(covariates.shape[0]), agent_ids, covariates)
+
+
+def _prediction_inputs(simulator, env, covariates, agent_ids, epsilon, allow_extrapolation,
+                       **counts):
+    """Validated (simulator, covariates, agent_ids, epsilon) for the programs."""
+    for name, value in counts.items():
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+            raise ValueError(f"{name}: must be a positive integer; got {value!r}")
+    values = env.agents.validate(covariates, allow_extrapolation=allow_extrapolation)
+    if values.ndim != 2 or values.shape[0] < 1:
+        raise ValueError(f"covariates: must have shape (A, {values.shape[-1]}) with A >= 1; "
+                         f"got {values.shape}")
+    if simulator.obs_dim != env.obs_dim:
+        raise ValueError(f"simulator: predicts {simulator.obs_dim}-d states; {env.name} has "
+                         f"{env.obs_dim}")
+    if simulator.config.discrete != bool(env.discrete_actions):
+        raise ValueError(f"simulator: its action type (discrete={simulator.config.discrete}) "
+                         f"does not match {env.name}'s")
+    num_agents = values.shape[0]
+    ids = np.arange(num_agents) if agent_ids is None else np.asarray(agent_ids)
+    if ids.shape != (num_agents,) or not np.issubdtype(ids.dtype, np.integer):
+        raise ValueError(f"agent_ids: must be {num_agents} integers (one per row of covariates); "
+                         f"got {np.asarray(agent_ids).tolist() if agent_ids is not None else None}")
+    if ids.min() < 0 or ids.max() >= simulator.num_agents:
+        raise ValueError(f"agent_ids: must be in 0..{simulator.num_agents - 1}; got "
+                         f"{ids.tolist()}")
+    if epsilon is None:
+        epsilon = 0.01 if env.discrete_actions else 0.0
+    if not 0.0 <= float(epsilon) <= 1.0:
+        raise ValueError(f"epsilon: must be in [0, 1]; got {epsilon!r}")
+    # Static fields that do not change the computation: dropped so that they
+    # do not make a new compiled program.
+    if isinstance(simulator, Simulator):
+        simulator = simulator.replace(rank_losses=None, agent_keys=None)
+    return (simulator, jnp.asarray(values, jnp.float32), jnp.asarray(ids, jnp.int32),
+            jnp.float32(epsilon))
+
+
+def prediction_error(key: jax.Array, simulator, env, policy_params, covariates, agent_ids=None,
+                     *, num_episodes: int = 200, warmup: int = 10, horizon: int = 50,
+                     epsilon: float | None = None, allow_extrapolation: bool = False
+                     ) -> PredictionError:
+    """The paper's open-loop prediction error (reference/original-code.md 5.2).
+
+    Per agent, E episodes of the test policy acting on the true observation
+    (ε-greedy) in the true env with the agent's physics, warmup + horizon
+    steps. Each member predicts one step from the true state for the first
+    `warmup` steps, then runs its own open loop on its predictions with the
+    true actions; the ensemble prediction is the member mean. Scored: states
+    warmup..warmup + horizon (the first a one-step prediction), up to the
+    episode's termination (terminal state included). All agents and episodes
+    run in one compiled program.
+
+    Args:
+      key: PRNG key; episode e of row a uses fold_in(fold_in(key, a), e).
+      simulator: a `persim_jax.Simulator`.
+      env: the environment.
+      policy_params: ONE policy (`policies.load_test_policy(env)`).
+      covariates: (A, P) the agents' covariates (their true physics).
+      agent_ids: (A,) simulator agent index of each row; default 0..A-1.
+      num_episodes: E episodes per agent.
+      warmup: teacher-forced steps before the window (≥ 1).
+      horizon: open-loop steps scored after the first one (window horizon + 1).
+      epsilon: probability of a random action; default 0.01 for discrete
+        actions (the authors' test DQNs), 0 for continuous.
+      allow_extrapolation: accept covariates outside the paper's ranges.
+
+    Returns:
+      `PredictionError` with (A, E) float64 `rmse` and `r2`.
+    """
+    simulator, values, ids, eps = _prediction_inputs(
+        simulator, env, covariates, agent_ids, epsilon, allow_extrapolation,
+        num_episodes=num_episodes, warmup=warmup, horizon=horizon)
+    rmse, r2 = _prediction_error_jit(env, int(warmup), int(horizon), int(num_episodes),
+                                     simulator, policy_params, values, ids, key, eps)
+    return PredictionError(rmse=np.asarray(rmse, np.float64), r2=np.asarray(r2, np.float64))
+
+
+def prediction_trajectories(key: jax.Array, simulator, env, policy_params, covariates,
+                            agent_ids=None, *, warmup: int = 10, horizon: int = 50,
+                            epsilon: float | None = None, allow_extrapolation: bool = False
+                            ) -> dict[str, np.ndarray]:
+    """One episode per agent of `prediction_error`'s protocol, for plots: the
+    same episode as its episode 0 for the same key (arguments as there).
+
+    Returns:
+      {"true": (A, W, D), "predicted": (A, W, D) member mean, "members":
+      (A, M, W, D), "valid": (A, W) bool}, W = horizon + 1 scored states;
+      invalid states (after termination) are kept as computed, not NaN.
+    """
+    simulator, values, ids, eps = _prediction_inputs(
+        simulator, env, covariates, agent_ids, epsilon, allow_extrapolation,
+        warmup=warmup, horizon=horizon)
+    true, predicted, members, valid = _prediction_trajectories_jit(
+        env, int(warmup), int(horizon), simulator, policy_params, values, ids, key, eps)
+    return {"true": np.asarray(true), "predicted": np.asarray(predicted),
+            "members": np.asarray(members), "valid": np.asarray(valid, bool)}
