@@ -1,0 +1,333 @@
+"""Markdown report of one experiment: our numbers beside the paper's.
+
+`results` is the results.json dict written by `experiments.run` (keys env,
+dataset, preset, seed, test_agents, covariate_names, prediction, reward,
+dataset_stats, timing_s, config, and optionally validation and figures).
+Sections whose key is absent or None are said to be skipped, not dropped
+silently.
+
+    from experiments import report
+    text = report.render_report(results)          # Markdown string
+    report.write_report(results, "runs/cartpole/pure/report.md")
+
+`write_report` links only the figures (results["figures"], file names) that
+exist beside the report, and writes the file atomically.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+
+from experiments import paper
+from persim_jax.data import atomic_write
+
+ENV_NAMES = {"mountaincar": "MountainCar", "cartpole": "CartPole", "halfcheetah": "HalfCheetah"}
+DATASET_NAMES = {"pure": "Pure", "random": "Random", "pure_eps20": "Pure-ε-20",
+                 "pure_eps40": "Pure-ε-40"}
+DASH = "–"
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _fixed(x, digits: int) -> str:
+    return f"{x:.{digits}f}" if _is_number(x) else DASH
+
+
+def _printed(x) -> str:
+    """A paper value as transcribed (no padding: 194.2, 3.23, 7459)."""
+    return f"{x:.6g}" if _is_number(x) else DASH
+
+
+def _at(values, i):
+    if values is None or i >= len(values):
+        return None
+    return values[i]
+
+
+def _mean(values) -> float | None:
+    finite = [v for v in (values or []) if _is_number(v)]
+    return sum(finite) / len(finite) if finite else None
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _agent_labels(results: dict, count: int) -> list[str]:
+    agents = results.get("test_agents") or []
+    names = results.get("covariate_names") or []
+    labels = []
+    for i in range(count):
+        agent = _at(agents, i)
+        if agent is None:
+            labels.append(f"agent {i + 1}")
+            continue
+        parts = [f"{names[j]}={v:g}" if j < len(names) else f"{v:g}"
+                 for j, v in enumerate(agent)]
+        labels.append(", ".join(parts))
+    return labels
+
+
+def _num_agents(results: dict) -> int:
+    counts = [len(results.get("test_agents") or [])]
+    for section, keys in (("prediction", ("rmse",)), ("dataset_stats", ("test_agent_return",))):
+        for key in keys:
+            counts.append(len((results.get(section) or {}).get(key) or []))
+    for method in ("persim", "true_env_mpc"):
+        counts.append(len(((results.get("reward") or {}).get(method) or {}).get("mean") or []))
+    return max(counts) or 5
+
+
+def _pretty_dataset(dataset: str) -> str:
+    return DATASET_NAMES.get(dataset, f"`{dataset}` (own data)")
+
+
+def _stats_section(results: dict, rows_paper: dict) -> str:
+    ours, theirs = results.get("dataset_stats"), rows_paper.get("dataset_stats")
+    lines = ["## Logged data (paper Table 8)", ""]
+    if not ours and not theirs:
+        return "\n".join(lines + ["Skipped: no dataset statistics for this data.", ""])
+    n = _num_agents(results)
+    header = ["", *_agent_labels(results, n), "mean return (all agents)", "mean length"]
+    rows = []
+    for label, stats, fmt in (("ours", ours, lambda x: _fixed(x, 1)), ("paper", theirs, _printed)):
+        if not stats:
+            rows.append([label, *([DASH] * (n + 2))])
+            continue
+        returns = stats.get("test_agent_return") or []
+        rows.append([label, *(fmt(_at(returns, i)) for i in range(n)),
+                     fmt(stats.get("mean_return")), fmt(stats.get("mean_length"))])
+    return "\n".join(lines + [
+        "Return of each test agent's logged trajectory; means over the whole population.", "",
+        _table(header, rows), ""])
+
+
+def _prediction_section(results: dict, rows_paper: dict) -> str:
+    ours = results.get("prediction")
+    lines = ["## Prediction error: RMSE (median R²)", ""]
+    if not ours:
+        lines += ["Skipped: prediction error was not measured in this run.", ""]
+        if not rows_paper.get("prediction"):
+            return "\n".join(lines)
+    n = _num_agents(results)
+    header = ["method", *_agent_labels(results, n), "mean over agents"]
+
+    def row(label, method, digits=3):
+        rmse, r2 = method.get("rmse") or [], method.get("r2_median") or []
+        cells = [f"{_fixed(_at(rmse, i), digits)} ({_fixed(_at(r2, i), digits)})"
+                 for i in range(n)]
+        return [label, *cells, f"{_fixed(_mean(rmse), digits)} ({_fixed(_mean(r2), digits)})"]
+
+    rows = []
+    if ours:
+        rows.append(row("**PerSim (ours)**", ours))
+    for key in ("persim", "vanilla_cadm", "pe_ts_cadm"):
+        if key in rows_paper.get("prediction", {}):
+            rows.append(row(f"{paper.METHOD_NAMES[key]} (paper)", rows_paper["prediction"][key]))
+    if ours:
+        lines.insert(2, f"Horizon {ours.get('horizon', '?')} steps, "
+                        f"{ours.get('trials', '?')} trial(s).\n")
+    return "\n".join(lines + [_table(header, rows), ""])
+
+
+def _reward_section(results: dict, rows_paper: dict) -> str:
+    ours = results.get("reward")
+    lines = ["## Average reward: mean ± std", ""]
+    if not ours:
+        lines += ["Skipped: rewards were not measured in this run.", ""]
+        if not rows_paper.get("reward") and not rows_paper.get("true_env_mpc"):
+            return "\n".join(lines)
+    n = _num_agents(results)
+    header = ["method", *_agent_labels(results, n), "mean over agents"]
+
+    def row(label, method, fmt):
+        means, stds = method.get("mean") or [], method.get("std") or []
+        cells = [f"{fmt(_at(means, i))} ± {fmt(_at(stds, i))}" for i in range(n)]
+        return [label, *cells, _fixed(_mean(means), 1)]
+
+    ours_fmt = lambda x: _fixed(x, 1)  # noqa: E731
+    rows = []
+    if ours:
+        for key, label in (("persim", "**PerSim (ours)**"),
+                           ("true_env_mpc", "True env + MPC (ours)")):
+            if ours.get(key):
+                rows.append(row(label, ours[key], ours_fmt))
+        spread = (f" PerSim's ± is over {ours['std_over']}; True env + MPC's over episodes."
+                  if ours.get("std_over") else "")
+        lines.insert(2, f"{ours.get('episodes', '?')} episode(s) per test agent per trial, "
+                        f"{ours.get('trials', '?')} trial(s).{spread}\n")
+    paper_reward = rows_paper.get("reward", {})
+    if "persim" in paper_reward:
+        rows.append(row("PerSim (paper)", paper_reward["persim"], _printed))
+    if rows_paper.get("true_env_mpc"):
+        rows.append(row("True env + MPC (paper)", rows_paper["true_env_mpc"], _printed))
+    for key in ("vanilla_cadm", "pe_ts_cadm", "bcq_p", "bcq_a"):
+        if key in paper_reward:
+            rows.append(row(f"{paper.METHOD_NAMES[key]} (paper)", paper_reward[key], _printed))
+    return "\n".join(lines + [_table(header, rows), ""])
+
+
+def _validation_section(results: dict) -> str:
+    validation = results.get("validation")
+    if not validation:
+        return ""
+    lines = ["## Validation", ""]
+    per_agent = [v for v in validation.get("per_agent_rmse") or [] if _is_number(v)]
+    if per_agent:
+        ordered = sorted(per_agent)
+        median = ordered[len(ordered) // 2] if len(ordered) % 2 else (
+            ordered[len(ordered) // 2 - 1] + ordered[len(ordered) // 2]) / 2
+        lines += ["One-step prediction RMSE (raw units) per agent on the held-out "
+                  f"transitions, over {len(per_agent)} agents:", "",
+                  _table(["mean", "median", "min", "max"],
+                         [[_fixed(_mean(per_agent), 4), _fixed(median, 4),
+                           _fixed(ordered[0], 4), _fixed(ordered[-1], 4)]]), ""]
+    for key, value in validation.items():
+        if key == "per_agent_rmse":
+            continue
+        if _is_number(value):
+            lines.append(f"- {key}: {value:.4g}")
+        elif isinstance(value, str):
+            lines.append(f"- {key}: {value}")
+    return "\n".join(lines + [""])
+
+
+def _how_to_read(results: dict, has_paper: bool) -> str:
+    preset = results.get("preset")
+    text = [
+        "## How to read",
+        "",
+        "- Our rows (**ours**) come from this run; the paper's (**paper**) are transcribed from "
+        "its Tables 8-14.",
+        "- **RMSE** is the root-mean-square error, in the state's raw units, of the simulator's "
+        "open-loop prediction of the next states against the true ones, averaged over the test "
+        "agent's episodes; lower is better. **Median R²** is the median over episodes of the "
+        "variance-weighted R² of those predictions: 1 is perfect, 0 is no better than predicting "
+        "the mean, negative is worse than that.",
+        "- **Reward** is the return of model-predictive control planning through the learned "
+        "simulator (PerSim) or through the true environment (True env + MPC, an upper "
+        "reference). The paper's ± is the standard deviation over 5 trials, each an "
+        "independently seeded model training; ours says above what it is over (with one "
+        "trial, that trial's episodes).",
+        "- Columns are the test agents, labelled by their parameters; the last column averages "
+        "over them.",
+    ]
+    evaluated = bool(results.get("prediction") or results.get("reward"))
+    if not (evaluated or has_paper):
+        text = text[:2] + ["- Only this run's own measurements are shown: the paper has no "
+                           "numbers for this data, and no test agents were evaluated."]
+    elif not has_paper:
+        text.append("- The paper has no numbers for this data, so only our rows are shown.")
+    if preset == "quick":
+        text.append("- Our rows use the **quick** preset (fewer trials, episodes, epochs and "
+                    "candidates than the paper), so they are indicative, not a reproduction; "
+                    "run with `--preset=paper` for the paper's protocol.")
+    return "\n".join(text + [""])
+
+
+def _timing_section(results: dict) -> str:
+    timing = results.get("timing_s") or {}
+    if not timing:
+        return ""
+    rows = [[stage, _fixed(sec, 1)] for stage, sec in timing.items() if stage != "total"]
+    rows.append(["**total**", _fixed(_total_seconds(results), 1)])
+    return "\n".join(["## Time", "", _table(["stage", "seconds"], rows), ""])
+
+
+def _total_seconds(results: dict) -> float | None:
+    timing = results.get("timing_s") or {}
+    if _is_number(timing.get("total")):
+        return timing["total"]
+    values = [v for v in timing.values() if _is_number(v)]
+    return sum(values) if values else None
+
+
+def _figures_section(results: dict, figure_dir: str | None) -> str:
+    names = list(results.get("figures") or [])
+    if figure_dir is not None:
+        names = [n for n in names if os.path.isfile(os.path.join(figure_dir, n))]
+    if not names:
+        return ""
+    lines = ["## Figures", ""]
+    for name in names:
+        stem = os.path.splitext(os.path.basename(name))[0]
+        if stem.startswith("tsne_"):
+            title = f"t-SNE of the agent factors, coloured by {stem[len('tsne_'):]}"
+        elif stem == "trajectories":
+            title = "Predicted vs true state trajectories of test agents"
+        else:
+            title = stem
+        lines += [f"![{title}]({name})", ""]
+    return "\n".join(lines)
+
+
+def _settings_line(config: dict) -> str:
+    """key=value for the scalar settings; a nested dict shows its "kind" only."""
+    parts = []
+    for key, value in config.items():
+        if value is None:
+            continue
+        if isinstance(value, dict):
+            if value.get("kind"):
+                parts.append(f"{key}={value['kind']}")
+            continue
+        parts.append(f"{key}={value}")
+    return ", ".join(parts)
+
+
+def render_report(results: dict, figure_dir: str | None = None) -> str:
+    """The Markdown report of one results.json dict.
+
+    Figures named in results["figures"] are linked by relative name; with
+    `figure_dir`, only those that exist there.
+    """
+    if not results.get("dataset"):
+        raise ValueError("results has no 'dataset': cannot render a report")
+    env, dataset = results.get("env"), str(results["dataset"])
+    rows_paper = paper.paper_rows(env, dataset)
+    has_paper = bool(rows_paper["prediction"] or rows_paper["reward"])
+    total = _total_seconds(results)
+
+    header = [
+        f"# PerSim on {ENV_NAMES.get(env, env or 'own environment')} / "
+        f"{_pretty_dataset(dataset)}",
+        "",
+        f"env `{env or 'none (own data)'}` · dataset `{dataset}` · preset `{results.get('preset', '?')}` · "
+        f"seed {results.get('seed', '?')} · total time "
+        f"{_fixed(total, 1) + ' s' if total is not None else DASH}",
+        "",
+    ]
+    settings = _settings_line(results.get("config") or {})
+    if settings:
+        header += [f"Settings: {settings}", ""]
+
+    parts = [
+        "\n".join(header),
+        _stats_section(results, rows_paper),
+        _prediction_section(results, rows_paper),
+        _reward_section(results, rows_paper),
+        _validation_section(results),
+        _how_to_read(results, has_paper),
+        _figures_section(results, figure_dir),
+        _timing_section(results),
+    ]
+    return "\n".join(p for p in parts if p).rstrip() + "\n"
+
+
+def write_report(results: dict, path: str | os.PathLike) -> str:
+    """Renders the report and writes it atomically to `path`; returns the path.
+    Figures are linked only if they exist in the report's folder."""
+    path = os.fspath(path)
+    text = render_report(results, figure_dir=os.path.dirname(os.path.abspath(path)))
+    with atomic_write(path, "wb") as handle:
+        handle.write(text.encode("utf-8"))
+    umask = os.umask(0)  # the temporary file was private (0600): usual permissions
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+    return path
