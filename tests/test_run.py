@@ -1,0 +1,159 @@
+"""End-to-end tests of the experiments CLI on tiny configurations (few agents,
+epochs, candidates and steps): every stage runs, `results.json` has the
+documented keys, figures exist, re-runs skip finished stages, and bad input
+exits non-zero with one clear line and no output written."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from experiments import run
+from persim_jax import data
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+TINY = dict(trials=1, num_agents=8, ensemble_size=2, epochs=2, state_hidden=(32,), episodes=1,
+            max_steps=12, prediction_episodes=2, candidates=16, horizon=5)
+
+
+def check_results(results, out_dir, env, dataset):
+    directory = os.path.join(out_dir, env, dataset)
+    with open(os.path.join(directory, "results.json")) as handle:
+        stored = json.load(handle)
+    for key in ("env", "dataset", "preset", "seed", "test_agents", "prediction", "reward",
+                "dataset_stats", "timing_s"):
+        assert key in stored, key
+    assert stored["env"] == env and stored["dataset"] == dataset
+    assert len(stored["test_agents"]) == 5
+    prediction = stored["prediction"]
+    assert len(prediction["rmse"]) == 5 and len(prediction["r2_median"]) == 5
+    assert prediction["horizon"] == 50 and prediction["trials"] == 1
+    assert np.all(np.isfinite(prediction["rmse"]))
+    reward = stored["reward"]
+    assert len(reward["persim"]["mean"]) == 5 and len(reward["persim"]["std"]) == 5
+    assert reward["episodes"] == 1 and reward["trials"] == 1
+    stats = stored["dataset_stats"]
+    assert len(stats["test_agent_return"]) == 5 and np.isfinite(stats["mean_length"])
+    with np.load(os.path.join(directory, "agent_factors.npz")) as factors:
+        assert factors["factors"].shape[:2] == (2, 8)
+        assert factors["covariates"].shape[0] == 8
+    assert stored["figures"], stored["figures"]
+    for name in stored["figures"]:
+        with open(os.path.join(directory, name), "rb") as handle:
+            assert handle.read(8) == b"\x89PNG\r\n\x1a\n", name
+    with open(os.path.join(directory, "report.md")) as handle:
+        report_text = handle.read()
+    assert "PerSim" in report_text
+    assert stored == json.loads(json.dumps(results, default=run._json_default))
+    return stored
+
+
+def test_cartpole_end_to_end_and_rerun_skips(tmp_path, capsys):
+    out_dir, data_dir = str(tmp_path / "out"), str(tmp_path / "data")
+    settings = run.resolve_settings("cartpole", "pure", "quick", TINY)
+    results = run.run_pipeline("cartpole", "pure", settings, preset="quick", seed=0,
+                               out_dir=out_dir, data_dir=data_dir)
+    stored = check_results(results, out_dir, "cartpole", "pure")
+    assert stored["reward"]["true_env_mpc"] is not None
+    assert len(stored["reward"]["true_env_mpc"]["mean"]) == 5
+    # Returns are CartPole's: one per step survived, at most max_steps.
+    returns = np.asarray(stored["reward"]["persim"]["returns"])
+    assert np.all((returns >= 1) & (returns <= 12))
+    capsys.readouterr()
+
+    again = run.run_pipeline("cartpole", "pure", settings, preset="quick", seed=0,
+                             out_dir=out_dir, data_dir=data_dir)
+    printed = capsys.readouterr().out
+    assert "reusing" in printed and "[train] trial 0: reusing" in printed
+    assert again["prediction"] == results["prediction"]
+    assert again["reward"] == results["reward"]
+
+    # A changed planner setting redoes the reward stage only.
+    changed = run.resolve_settings("cartpole", "pure", "quick", dict(TINY, candidates=8))
+    third = run.run_pipeline("cartpole", "pure", changed, preset="quick", seed=0,
+                             out_dir=out_dir, data_dir=data_dir)
+    printed = capsys.readouterr().out
+    assert "[train] trial 0: reusing" in printed and "[prediction] reusing" in printed
+    assert "[reward] reusing" not in printed
+    assert third["config"]["planner"]["num_candidates"] == 8
+
+
+def test_halfcheetah_end_to_end(tmp_path):
+    out_dir, data_dir = str(tmp_path / "out"), str(tmp_path / "data")
+    settings = run.resolve_settings("halfcheetah", "random", "quick",
+                                    dict(TINY, num_agents=8, candidates=8, horizon=3,
+                                         cem_rounds=1, cem_elites=3, max_steps=4))
+    assert settings["true_env_mpc"] is False          # the quick preset's choice for MJX
+    results = run.run_pipeline("halfcheetah", "random", settings, preset="quick", seed=0,
+                               out_dir=out_dir, data_dir=data_dir)
+    stored = check_results(results, out_dir, "halfcheetah", "random")
+    assert stored["reward"]["true_env_mpc"] is None
+    assert stored["config"]["planner"]["kind"] == "CEMConfig"
+
+
+def test_user_data_trains_and_reports_validation(tmp_path):
+    rng = np.random.default_rng(0)
+    num_agents, steps = 6, 30
+    obs = rng.normal(size=(num_agents * steps, 2)).astype(np.float32)
+    action = rng.integers(0, 3, size=num_agents * steps)
+    agent = np.repeat(np.arange(num_agents), steps)
+    gain = np.linspace(0.5, 1.5, num_agents)[agent][:, None]
+    next_obs = obs + 0.1 * gain * (action[:, None] - 1)
+    transitions = data.make_transitions(obs, action, next_obs, agent, num_actions=3)
+    path = str(tmp_path / "mine.npz")
+    data.save_npz(path, transitions)
+    out_dir = str(tmp_path / "out")
+    settings = run.resolve_settings(None, path, "quick", dict(epochs=3, ensemble_size=2,
+                                                             state_hidden=(16,)))
+    results = run.run_pipeline(None, path, settings, preset="quick", seed=0, out_dir=out_dir,
+                               data_dir=str(tmp_path / "data"))
+    directory = os.path.join(out_dir, "custom", "mine")
+    assert results["prediction"] is None and results["reward"] is None
+    rmse = results["validation"]["per_agent_rmse"]
+    assert len(rmse) == num_agents and all(r is None or r >= 0 for r in rmse)
+    assert os.path.exists(os.path.join(directory, "results.json"))
+    assert os.path.exists(os.path.join(directory, "report.md"))
+    with np.load(os.path.join(directory, "agent_factors.npz")) as factors:
+        assert factors["factors"].shape[:2] == (2, num_agents)
+
+
+def cli(tmp_path, *args):
+    return subprocess.run([sys.executable, "-m", "experiments.run", *args,
+                           f"--out_dir={tmp_path / 'out'}", f"--data_dir={tmp_path / 'data'}"],
+                          capture_output=True, text=True, cwd=ROOT, timeout=300)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--env=pendulum"], "pendulum"),
+    (["--env=cartpole", "--dataset=nonexistent.npz"], "no such file: nonexistent.npz"),
+    (["--env=cartpole", "--dataset=purest"], "neither one of pure"),
+    (["--env=cartpole", "--preset=huge"], "huge"),
+])
+def test_cli_rejects_bad_input(tmp_path, args, message):
+    result = cli(tmp_path, *args)
+    assert result.returncode != 0
+    assert message in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_rejects_nan_dataset_without_output(tmp_path):
+    rng = np.random.default_rng(0)
+    obs = rng.normal(size=(10, 4)).astype(np.float32)
+    obs[3, 1] = np.nan
+    path = tmp_path / "bad.npz"
+    np.savez(path, observations=obs, actions=np.zeros(10, np.int64),
+             next_observations=obs + 1, agent_ids=np.repeat(np.arange(2), 5))
+    result = cli(tmp_path, "--env=cartpole", f"--dataset={path}")
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert lines[-1].startswith("error: --dataset:"), result.stderr
+    assert "bad.npz" in lines[-1] and "obs" in lines[-1] and "NaN" in lines[-1]
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "out").exists()
