@@ -45,7 +45,7 @@ from typing import Any
 
 import jax
 import numpy as np
-from absl import app, flags
+from absl import app, flags, logging
 
 import envs
 from persim_jax import data, datasets, evaluation, model, planning, policies, train
@@ -609,6 +609,8 @@ def run_pipeline(env_name: str | None, dataset: str, settings: dict, *, preset: 
 
 
 def main(argv):
+    if not FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)     # orbax logs every checkpoint at INFO
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     try:
