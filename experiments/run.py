@@ -102,7 +102,7 @@ _PAPER = dict(trials=5, num_agents=datasets.NUM_AGENTS, ensemble_size=5, epochs=
 PRESETS = {
     "paper": {name: dict(_PAPER) for name in envs.ENV_NAMES},
     "quick": {
-        "cartpole": dict(_PAPER, trials=1, epochs=30, episodes=5, prediction_episodes=50),
+        "cartpole": dict(_PAPER, trials=1, epochs=100, episodes=5, prediction_episodes=50),
         "mountaincar": dict(_PAPER, trials=1, epochs=20, episodes=5, prediction_episodes=50),
         "halfcheetah": dict(_PAPER, trials=1, num_agents=100, epochs=10, episodes=1,
                             prediction_episodes=20, true_env_mpc=False, candidates=50, horizon=10,

@@ -149,8 +149,9 @@ def halfcheetah_returns():
 @pytest.mark.parametrize("index", [
     0, 1,
     pytest.param(2, marks=pytest.mark.xfail(
-        strict=True, reason="pure policy 2 (mass 0.6, damping 0.6) reached 1884 after 240k TD3 "
-        "steps on 2 CPU cores, below the 2000 floor; issue 5 stays open for a retrain")),
+        strict=False, reason="pure policy 2 (mass 0.6, damping 0.6) averages 1957 over 5 episodes "
+        "after 390k TD3 steps on 2 CPU cores (best 2-episode evaluation 2187; single episodes "
+        "1440-2190), just below the 2000 floor; issue 5 stays open for a retrain")),
     3, 4])
 def test_halfcheetah_shipped_policies_reach_the_floors(halfcheetah_returns, index):
     kind = "test" if index == 4 else "pure"
