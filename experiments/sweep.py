@@ -25,13 +25,20 @@ from absl import app, flags
 
 from persim_jax.data import atomic_write
 
-_ENV = flags.DEFINE_string("env", "cartpole", "Environment: mountaincar, cartpole, halfcheetah.")
-_DATASETS = flags.DEFINE_list("datasets", ["pure"], "Datasets, comma-separated.")
-_RANKS = flags.DEFINE_list("ranks", ["5"], "Tensor ranks r, comma-separated integers.")
-_PRESET = flags.DEFINE_enum("preset", "quick", ["quick", "paper"], "run.py's preset.")
-_OUT_DIR = flags.DEFINE_string("out_dir", "runs/sweep", "Folder of the sweep's runs and table.")
-_EXTRA = flags.DEFINE_string("extra", "", "More flags for every run.py call, e.g. "
-                             "\"--epochs=5 --candidates=100\".")
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+    """The sweep's flags, defined only when it runs as a program (so that
+    importing this module beside `experiments.run`, which defines `--env` too,
+    does not clash)."""
+    flags.DEFINE_string("env", "cartpole", "Environment: mountaincar, cartpole, halfcheetah.")
+    flags.DEFINE_list("datasets", ["pure"], "Datasets, comma-separated.")
+    flags.DEFINE_list("ranks", ["5"], "Tensor ranks r, comma-separated integers.")
+    flags.DEFINE_enum("preset", "quick", ["quick", "paper"], "run.py's preset.")
+    flags.DEFINE_string("out_dir", "runs/sweep", "Folder of the sweep's runs and table.")
+    flags.DEFINE_string("extra", "", "More flags for every run.py call, e.g. "
+                        "\"--epochs=5 --candidates=100\".")
 
 
 def _mean(values) -> float | None:
@@ -95,17 +102,17 @@ def results_path(out_dir: str, env: str, dataset: str, rank: int) -> str:
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    env, preset, out_dir = _ENV.value, _PRESET.value, _OUT_DIR.value
+    env, preset, out_dir = FLAGS.env, FLAGS.preset, FLAGS.out_dir
     try:
-        ranks = [int(r) for r in _RANKS.value]
+        ranks = [int(r) for r in FLAGS.ranks]
     except ValueError as err:
-        raise app.UsageError(f"--ranks must be integers, got {_RANKS.value}") from err
-    if not _DATASETS.value or not ranks:
+        raise app.UsageError(f"--ranks must be integers, got {FLAGS.ranks}") from err
+    if not FLAGS.datasets or not ranks:
         raise app.UsageError("--datasets and --ranks must each name at least one value")
 
-    configs = [(d, r) for d in _DATASETS.value for r in ranks]
+    configs = [(d, r) for d in FLAGS.datasets for r in ranks]
     for i, (dataset, rank) in enumerate(configs, 1):
-        command = run_command(env, dataset, rank, preset, out_dir, _EXTRA.value)
+        command = run_command(env, dataset, rank, preset, out_dir, FLAGS.extra)
         print(f"[{i}/{len(configs)}] {shlex.join(command)}", flush=True)
         code = subprocess.call(command)
         if code != 0:
@@ -121,7 +128,7 @@ def main(argv):
         except FileNotFoundError:
             sys.exit(f"sweep: run.py finished but wrote no {path}")
     text = (f"# PerSim sweep: {env}, preset {preset}\n\n"
-            f"Means over the test agents. Extra flags: `{_EXTRA.value or 'none'}`.\n\n"
+            f"Means over the test agents. Extra flags: `{FLAGS.extra or 'none'}`.\n\n"
             + sweep_table(rows))
     table_path = os.path.join(out_dir, f"{env}_sweep.md")
     with atomic_write(table_path, "wb") as handle:
@@ -131,4 +138,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)
