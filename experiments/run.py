@@ -51,40 +51,46 @@ import envs
 from persim_jax import data, datasets, evaluation, model, planning, policies, train
 
 FLAGS = flags.FLAGS
-flags.DEFINE_enum("env", None, list(envs.ENV_NAMES),
-                  "Environment (its physics, known reward and test agents).")
-flags.DEFINE_string("dataset", "pure",
-                    f"One of {', '.join(datasets.DATASETS)}, or a path to your own .npz / .csv / "
-                    f".parquet file.")
-flags.DEFINE_enum("preset", "quick", ["quick", "paper"],
-                  "quick: sized for a 2-core CPU; paper: the paper's settings (a GPU).")
-flags.DEFINE_integer("seed", 0, "Seed of the dataset, training (trial k uses seed + k) and "
-                     "evaluation.")
-flags.DEFINE_integer("trials", None, "Independent training seeds (paper: 5).")
-flags.DEFINE_string("out_dir", "runs", "Results go to <out_dir>/<env>/<dataset>/.")
-flags.DEFINE_string("data_dir", datasets.DEFAULT_DATA_DIR, "Dataset cache.")
-flags.DEFINE_integer("num_agents", None, "Agents in a generated dataset (paper: 500).")
-flags.DEFINE_string("rank", None, "Latent factors r, or 'auto' (chosen by validation).")
-flags.DEFINE_integer("ensemble_size", None, "Ensemble members M (paper: 5).")
-flags.DEFINE_integer("epochs", None, "Training epochs (paper: 300).")
-flags.DEFINE_integer("batch_size", None, "Minibatch size (paper: 256).")
-flags.DEFINE_float("learning_rate", None, "Adam step size (paper: 1e-3).")
-flags.DEFINE_list("state_hidden", None, "Hidden sizes of the state encoder, e.g. 256,512,512.")
-flags.DEFINE_integer("candidates", None,
-                     "Random-shooting candidates (paper: 1000) or CEM samples (paper: 200).")
-flags.DEFINE_integer("horizon", None, "Planning horizon (paper: 30; MountainCar 50).")
-flags.DEFINE_integer("cem_rounds", None, "CEM refinement rounds after the first (paper: 5).")
-flags.DEFINE_integer("cem_elites", None, "CEM elites (paper: 50).")
-flags.DEFINE_enum("aggregation", None, ["min", "mean"],
-                  "Ensemble aggregation of candidate returns (paper: min).")
-flags.DEFINE_float("discount", None, "Planning discount (paper: 0.93).")
-flags.DEFINE_integer("episodes", None, "MPC episodes per test agent and trial (paper: 20).")
-flags.DEFINE_integer("max_steps", None, "Steps per MPC episode (default: the env's cap).")
-flags.DEFINE_integer("prediction_episodes", None,
-                     "Episodes per test agent of the prediction-error test (paper: 200).")
-flags.DEFINE_bool("true_env_mpc", None, "Also plan on the true physics (the upper-bound row).")
-flags.DEFINE_list("skip", [], "Stages to skip: prediction, reward, plots.")
-flags.DEFINE_bool("force", False, "Redo every stage, even those already done.")
+
+
+def define_flags() -> None:
+    """The CLI's flags, defined only when it runs as a program (other
+    experiments modules define `--env` too, and tests import several)."""
+    flags.DEFINE_enum("env", None, list(envs.ENV_NAMES),
+                      "Environment (its physics, known reward and test agents).")
+    flags.DEFINE_string("dataset", "pure",
+                        f"One of {', '.join(datasets.DATASETS)}, or a path to your own .npz / .csv / "
+                        f".parquet file.")
+    flags.DEFINE_enum("preset", "quick", ["quick", "paper"],
+                      "quick: sized for a 2-core CPU; paper: the paper's settings (a GPU).")
+    flags.DEFINE_integer("seed", 0, "Seed of the dataset, training (trial k uses seed + k) and "
+                         "evaluation.")
+    flags.DEFINE_integer("trials", None, "Independent training seeds (paper: 5).")
+    flags.DEFINE_string("out_dir", "runs", "Results go to <out_dir>/<env>/<dataset>/.")
+    flags.DEFINE_string("data_dir", datasets.DEFAULT_DATA_DIR, "Dataset cache.")
+    flags.DEFINE_integer("num_agents", None, "Agents in a generated dataset (paper: 500).")
+    flags.DEFINE_string("rank", None, "Latent factors r, or 'auto' (chosen by validation).")
+    flags.DEFINE_integer("ensemble_size", None, "Ensemble members M (paper: 5).")
+    flags.DEFINE_integer("epochs", None, "Training epochs (paper: 300).")
+    flags.DEFINE_integer("batch_size", None, "Minibatch size (paper: 256).")
+    flags.DEFINE_float("learning_rate", None, "Adam step size (paper: 1e-3).")
+    flags.DEFINE_list("state_hidden", None, "Hidden sizes of the state encoder, e.g. 256,512,512.")
+    flags.DEFINE_integer("candidates", None,
+                         "Random-shooting candidates (paper: 1000) or CEM samples (paper: 200).")
+    flags.DEFINE_integer("horizon", None, "Planning horizon (paper: 30; MountainCar 50).")
+    flags.DEFINE_integer("cem_rounds", None, "CEM refinement rounds after the first (paper: 5).")
+    flags.DEFINE_integer("cem_elites", None, "CEM elites (paper: 50).")
+    flags.DEFINE_enum("aggregation", None, ["min", "mean"],
+                      "Ensemble aggregation of candidate returns (paper: min).")
+    flags.DEFINE_float("discount", None, "Planning discount (paper: 0.93).")
+    flags.DEFINE_integer("episodes", None, "MPC episodes per test agent and trial (paper: 20).")
+    flags.DEFINE_integer("max_steps", None, "Steps per MPC episode (default: the env's cap).")
+    flags.DEFINE_integer("prediction_episodes", None,
+                         "Episodes per test agent of the prediction-error test (paper: 200).")
+    flags.DEFINE_bool("true_env_mpc", None, "Also plan on the true physics (the upper-bound row).")
+    flags.DEFINE_list("skip", [], "Stages to skip: prediction, reward, plots.")
+    flags.DEFINE_bool("force", False, "Redo every stage, even those already done.")
+
 
 STAGES = ("dataset", "train", "prediction", "reward", "plots", "report")
 
@@ -635,4 +641,5 @@ def _run_name(dataset: str) -> str:
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)
