@@ -335,8 +335,7 @@ def load_dataset(env_name: str | None, dataset: str, settings, seed: int, data_d
     metadata = {"path": os.path.abspath(path), "sha256": file_digest,
                 "num_agents": transitions.num_agents,
                 "num_transitions": transitions.num_transitions}
-    name = os.path.splitext(os.path.basename(path))[0]
-    return transitions, metadata, name
+    return transitions, metadata, _run_name(path)
 
 
 def train_stage(run: Run, transitions, settings, seed: int, dataset_key: str) -> list:
