@@ -40,8 +40,9 @@ flags.DEFINE_string("state_path", None,
                     "HalfCheetah: where the TD3 training state (actors, critics) is checkpointed "
                     "after each improvement (default: runs/<env>_td3_state.msgpack).")
 flags.DEFINE_string("resume", None, "HalfCheetah: a TD3 training-state checkpoint to start from.")
-flags.DEFINE_list("only", None, "HalfCheetah: retrain only these of the K + 1 policies "
-                  "(indices; K = the test policy), from --resume, keeping the others.")
+flags.DEFINE_list("only", None, "Retrain only these of the K + 1 policies (indices; K = the "
+                  "test policy), keeping the others; each replaces its shipped checkpoint only "
+                  "if it evaluates better (HalfCheetah: from --resume).")
 
 # Per-env presets (keyword arguments of dqn.train / td3.train).
 PRESETS = {
@@ -97,8 +98,6 @@ def train_env(env_name: str, *, out_dir: str, seed: int = 0, num_timesteps: int 
     env = envs.make(env_name)
     k = len(env.policy_training_agents)
     indices = list(range(k + 1)) if not only else sorted({int(i) for i in only})
-    if only and env.discrete_actions:
-        raise ValueError("--only is for resuming TD3 (HalfCheetah) runs")
     if not all(0 <= i <= k for i in indices):
         raise ValueError(f"--only takes indices in 0..{k} (K = {k} is the test policy); got {only}")
     covariates = training_agents(env)[indices]
@@ -116,18 +115,22 @@ def train_env(env_name: str, *, out_dir: str, seed: int = 0, num_timesteps: int 
 
     start = time.time()
     key = jax.random.PRNGKey(seed)
+
+    def shipped():
+        """(K + 1) stacked policies now in out_dir."""
+        return policies.stack([*[policies.unstack(policies.load_pure_policies(env, out_dir), i)
+                                 for i in range(k)], policies.load_test_policy(env, out_dir)])
+
     if env.discrete_actions:
         from persim_jax import dqn
         params, _, history = dqn.train(env, covariates, key=key, progress_fn=progress_fn, **config)
+        if only:
+            params = _keep_better(env, shipped(), params, indices, covariates,
+                                  jax.random.PRNGKey(seed + 3), final_episodes)
     else:
         from persim_jax import td3
         suffix = "" if not only else "_" + "_".join(map(str, indices))
         state_path = state_path or os.path.join("runs", f"{env_name}_td3_state{suffix}.msgpack")
-
-        def shipped():
-            """(K + 1) stacked actors now in out_dir."""
-            return policies.stack([*[policies.unstack(policies.load_pure_policies(env, out_dir), i)
-                                     for i in range(k)], policies.load_test_policy(env, out_dir)])
 
         def merge(actors):
             if not only:
@@ -201,7 +204,7 @@ def train_env(env_name: str, *, out_dir: str, seed: int = 0, num_timesteps: int 
         "train_runs": previous.get("train_runs", [
             {"agents": list(range(k + 1)), "seconds": previous.get("train_seconds"),
              "steps": (previous.get("history") or [{}])[-1].get("step")}] if previous else []) + [
-            {"agents": indices, "seconds": round(train_s, 1),
+            {"agents": indices, "seed": seed, "seconds": round(train_s, 1),
              "steps": history[-1]["step"] if history else 0, "resumed_from": resume}],
         "history": [{"step": h["step"], "elapsed_s": round(h["elapsed_s"], 1),
                      "returns": [round(r, 1) for r in h["returns"]]} for h in history],
@@ -210,6 +213,23 @@ def train_env(env_name: str, *, out_dir: str, seed: int = 0, num_timesteps: int 
     }
     policies.save_policy_info(env_name, summary, out_dir)
     return summary
+
+
+def _keep_better(env, shipped, trained, indices, covariates, key, num_episodes: int):
+    """The (K + 1) shipped policies with row indices[j] replaced by trained[j]
+    where that one has the higher greedy mean return on its own agent."""
+    new = policies.evaluate(env, trained, covariates, key, num_episodes=num_episodes).mean(axis=1)
+    rows = jnp.asarray(indices)
+    old_params = jax.tree.map(lambda x: x[rows], shipped)
+    old = policies.evaluate(env, old_params, covariates, key, num_episodes=num_episodes).mean(axis=1)
+    result = shipped
+    for j, row in enumerate(indices):
+        better = bool(new[j] > old[j])
+        print(f"  policy {row}: retrained {new[j]:.1f} vs shipped {old[j]:.1f} -> "
+              f"{'retrained' if better else 'shipped'} kept", flush=True)
+        if better:
+            result = jax.tree.map(lambda full, sub: full.at[row].set(sub[j]), result, trained)
+    return result
 
 
 def main(argv):

@@ -156,8 +156,20 @@ def init_train_state(key: jax.Array, config: ModelConfig, ensemble_size: int,
 
 
 @functools.lru_cache(maxsize=32)
+def make_optimizer(learning_rate: float, halving_epochs: int | None,
+                   steps_per_epoch: int) -> optax.GradientTransformation:
+    """Adam; its step size halves every `halving_epochs` epochs (the authors'
+    schedule: 150), or stays constant (None). The schedule counts optimiser
+    steps in the Adam state, so a resumed run continues it exactly."""
+    if halving_epochs is None:
+        return optax.adam(learning_rate)
+    return optax.adam(optax.exponential_decay(
+        learning_rate, transition_steps=int(halving_epochs) * max(int(steps_per_epoch), 1),
+        decay_rate=0.5, staircase=True))
+
+
 def make_epoch_fn(config: ModelConfig, learning_rate: float, batch_size: int, num_train: int,
-                  has_validation: bool) -> Callable:
+                  has_validation: bool, halving_epochs: int | None = None) -> Callable:
     """The jitted epoch of an ensemble (cached on its static arguments).
 
     Returns:
@@ -166,8 +178,8 @@ def make_epoch_fn(config: ModelConfig, learning_rate: float, batch_size: int, nu
       (M,)). Each member draws a permutation of the T_train rows from its own
       key and takes floor(T_train / batch_size) minibatches of it.
     """
-    optimizer = optax.adam(learning_rate)
     num_batches = num_train // batch_size
+    optimizer = make_optimizer(learning_rate, halving_epochs, num_batches)
 
     def member_epoch(params, opt_state, train: Batch, key):
         order = jax.random.permutation(key, num_train)[: num_batches * batch_size]
@@ -251,6 +263,7 @@ def fit(
     epochs: int = 300,
     batch_size: int = 256,
     learning_rate: float = 1e-3,
+    lr_halving_epochs: int | None = None,
     validation_fraction: float = 0.2,
     state_hidden: Sequence[int] = (256,),
     action_hidden: Sequence[int] = (256, 256),
@@ -273,7 +286,9 @@ def fit(
       epochs: passes over the training transitions.
       batch_size: minibatch size (clamped to the number of training
         transitions); the last partial minibatch of an epoch is dropped.
-      learning_rate: Adam's step size.
+      learning_rate: Adam's (initial) step size.
+      lr_halving_epochs: halve the step size every this many epochs (the
+        authors' code: 150); None keeps it constant.
       validation_fraction: share of transitions held out (random across
         trajectories). Each member keeps the parameters of its best validation
         epoch. 0 trains on everything and keeps the last parameters.
@@ -310,6 +325,10 @@ def fit(
     _check_positive_int("checkpoint_every", checkpoint_every)
     if not (isinstance(learning_rate, (int, float)) and learning_rate > 0):
         raise ValueError(f"learning_rate: must be a positive number; got {learning_rate!r}")
+    if lr_halving_epochs is not None and not (isinstance(lr_halving_epochs, (int, np.integer))
+                                              and lr_halving_epochs > 0):
+        raise ValueError(f"lr_halving_epochs: must be a positive integer or None; got "
+                         f"{lr_halving_epochs!r}")
     if not 0.0 <= float(validation_fraction) < 1.0:
         raise ValueError(f"validation_fraction: must be in [0, 1); got {validation_fraction!r}")
     num_train_rows = len(validation_split(key, transitions.num_transitions,
@@ -335,6 +354,7 @@ def fit(
 
     options = dict(key=key, ensemble_size=int(ensemble_size), epochs=int(epochs),
                    batch_size=int(batch_size), learning_rate=float(learning_rate),
+                   lr_halving_epochs=None if lr_halving_epochs is None else int(lr_halving_epochs),
                    validation_fraction=float(validation_fraction),
                    state_hidden=tuple(int(h) for h in state_hidden),
                    action_hidden=tuple(int(h) for h in action_hidden),
@@ -350,8 +370,8 @@ def fit(
 
 
 def _fit_rank(transitions: Transitions, rank: int, *, key, ensemble_size, epochs, batch_size,
-              learning_rate, validation_fraction, state_hidden, action_hidden, standardize,
-              checkpoint_dir, checkpoint_every, callback, progress) -> Simulator:
+              learning_rate, lr_halving_epochs, validation_fraction, state_hidden, action_hidden,
+              standardize, checkpoint_dir, checkpoint_every, callback, progress) -> Simulator:
     """fit() for one rank."""
     config = ModelConfig(
         num_agents=transitions.num_agents, obs_dim=transitions.obs_dim, rank=rank,
@@ -372,14 +392,16 @@ def _fit_rank(transitions: Transitions, rank: int, *, key, ensemble_size, epochs
                                    else train_index[:1]),
                         min(VALIDATION_CHUNK, max(1, len(validation_index))))
     batch_size = min(batch_size, len(train_index))
-    epoch_fn = make_epoch_fn(config, learning_rate, batch_size, len(train_index), has_validation)
-    optimizer = optax.adam(learning_rate)
+    epoch_fn = make_epoch_fn(config, learning_rate, batch_size, len(train_index), has_validation,
+                             lr_halving_epochs)
+    optimizer = make_optimizer(learning_rate, lr_halving_epochs, len(train_index) // batch_size)
     state = init_train_state(init_key, config, ensemble_size, optimizer)
 
     manager, start = None, 0
     if checkpoint_dir is not None:
         run = _run_description(transitions, config, key, ensemble_size, batch_size,
                                learning_rate, validation_fraction, standardize)
+        run["lr_halving_epochs"] = lr_halving_epochs
         manager = _checkpoint_manager(os.path.join(os.fspath(checkpoint_dir), f"rank_{rank}"),
                                       checkpoint_every)
     bar = None

@@ -135,10 +135,12 @@ class Interrupt(Exception):
     pass
 
 
-def test_resume_after_interrupt_gives_identical_parameters(tmp_path, small_mountaincar_data):
+@pytest.mark.parametrize("halving", [None, 3])
+def test_resume_after_interrupt_gives_identical_parameters(tmp_path, small_mountaincar_data,
+                                                           halving):
     transitions, _ = small_mountaincar_data
     options = dict(rank=3, key=jax.random.PRNGKey(4), ensemble_size=2, epochs=6, batch_size=64,
-                   state_hidden=(32,), progress=False)
+                   state_hidden=(32,), progress=False, lr_halving_epochs=halving)
     uninterrupted = train.fit(transitions, **options)
 
     def interrupt_after_epoch_5(metrics):
@@ -234,6 +236,24 @@ def test_raw_targets_without_standardisation(small_mountaincar_data):
                                rtol=1e-6)
 
 
+def test_step_size_halves_every_lr_halving_epochs():
+    # Adam's bias-corrected step under a constant gradient is exactly -lr, so
+    # the updates show the schedule: 2 epochs of 3 steps at 0.1, then 0.05, ...
+    optimizer = train.make_optimizer(0.1, 2, steps_per_epoch=3)
+    params = jnp.zeros(())
+    state = optimizer.init(params)
+    steps = []
+    for _ in range(14):
+        updates, state = optimizer.update(jnp.ones(()), state, params)
+        steps.append(float(-updates))
+    np.testing.assert_allclose(steps, [0.1] * 6 + [0.05] * 6 + [0.025] * 2, rtol=1e-4)
+    constant = train.make_optimizer(0.1, None, steps_per_epoch=3)
+    state = constant.init(params)
+    for _ in range(8):
+        updates, state = constant.update(jnp.ones(()), state, params)
+    np.testing.assert_allclose(float(-updates), 0.1, rtol=1e-4)
+
+
 @pytest.mark.parametrize("options,field", [
     (dict(rank="big"), "rank"),
     (dict(rank=0), "rank"),
@@ -244,6 +264,7 @@ def test_raw_targets_without_standardisation(small_mountaincar_data):
     (dict(rank=3, validation_fraction=1.0), "validation_fraction"),
     (dict(rank="auto", rank_candidates=()), "rank_candidates"),
     (dict(rank=3, checkpoint_every=0), "checkpoint_every"),
+    (dict(rank=3, lr_halving_epochs=0), "lr_halving_epochs"),
 ])
 def test_fit_rejects_bad_arguments(small_mountaincar_data, options, field):
     transitions, _ = small_mountaincar_data
