@@ -74,6 +74,9 @@ def define_flags() -> None:
     flags.DEFINE_integer("epochs", None, "Training epochs (paper: 300).")
     flags.DEFINE_integer("batch_size", None, "Minibatch size (paper: 256).")
     flags.DEFINE_float("learning_rate", None, "Adam step size (paper: 1e-3).")
+    flags.DEFINE_integer("lr_halving_epochs", None,
+                         "Halve the step size every this many epochs (paper: 150); 0 keeps it "
+                         "constant.")
     flags.DEFINE_bool("standardize", None,
                       "Standardise model inputs and Δ targets (default: as the authors' code, "
                       "raw for CartPole and MountainCar, standardised for HalfCheetah and "
@@ -101,8 +104,8 @@ STAGES = ("dataset", "train", "prediction", "reward", "plots", "report")
 # The paper's settings (section 6, appendix D/E). Model sizes and planners
 # come from `model.paper_sizes` and `planning.paper_config`.
 _PAPER = dict(trials=5, num_agents=datasets.NUM_AGENTS, ensemble_size=5, epochs=300,
-              batch_size=256, learning_rate=1e-3, episodes=20, max_steps=None,
-              prediction_episodes=200, true_env_mpc=True)
+              batch_size=256, learning_rate=1e-3, lr_halving_epochs=150, episodes=20,
+              max_steps=None, prediction_episodes=200, true_env_mpc=True)
 
 # quick: each env × dataset in ≤ 10 min (CartPole, MountainCar) / ≤ 20 min
 # (HalfCheetah) on 2 CPU cores, generation of the dataset included. Smaller
@@ -120,8 +123,12 @@ STANDARDIZE = {"mountaincar": True, "cartpole": False, "halfcheetah": True}
 PRESETS = {
     "paper": {name: dict(_PAPER) for name in envs.ENV_NAMES},
     "quick": {
-        "cartpole": dict(_PAPER, trials=1, epochs=100, episodes=5, prediction_episodes=50),
-        "mountaincar": dict(_PAPER, trials=1, epochs=20, episodes=5, prediction_episodes=50),
+        # The paper's schedule compressed: the step size halves every quarter
+        # of the run (paper: 300 epochs, halved at 150).
+        "cartpole": dict(_PAPER, trials=1, epochs=200, lr_halving_epochs=50, episodes=5,
+                         prediction_episodes=50),
+        "mountaincar": dict(_PAPER, trials=1, epochs=60, lr_halving_epochs=20, episodes=5,
+                            prediction_episodes=50),
         "halfcheetah": dict(_PAPER, trials=1, num_agents=100, epochs=10, episodes=1,
                             prediction_episodes=20, true_env_mpc=False, candidates=50, horizon=10,
                             cem_rounds=2, cem_elites=10),
@@ -143,7 +150,7 @@ class UserError(Exception):
 OVERRIDABLE = ("trials", "num_agents", "rank", "ensemble_size", "epochs", "batch_size",
                "learning_rate", "state_hidden", "candidates", "horizon", "cem_rounds",
                "cem_elites", "aggregation", "discount", "episodes", "max_steps",
-               "prediction_episodes", "true_env_mpc", "standardize")
+               "prediction_episodes", "true_env_mpc", "standardize", "lr_halving_epochs")
 
 
 def resolve_settings(env_name: str | None, dataset: str, preset: str = "quick",
@@ -172,6 +179,10 @@ def resolve_settings(env_name: str | None, dataset: str, preset: str = "quick",
         overrides["state_hidden"] = tuple(_positive_int("state_hidden", h)
                                           for h in overrides["state_hidden"])
     settings.update(overrides)
+    if settings.get("lr_halving_epochs") is not None and settings["lr_halving_epochs"] < 0:
+        raise UserError(f"--lr_halving_epochs: must be >= 0 (0: constant); got "
+                        f"{settings['lr_halving_epochs']}")
+    settings["lr_halving_epochs"] = settings.get("lr_halving_epochs") or None
     for name in ("trials", "num_agents", "ensemble_size", "epochs", "batch_size", "episodes",
                  "prediction_episodes", "candidates", "horizon", "cem_elites", "max_steps"):
         if settings.get(name) is not None and settings[name] < 1:
@@ -355,8 +366,8 @@ def load_dataset(env_name: str | None, dataset: str, settings, seed: int, data_d
 def train_stage(run: Run, transitions, settings, seed: int, dataset_key: str) -> list:
     """Trains (or reloads) one simulator per trial."""
     train_settings = {k: settings[k] for k in ("rank", "ensemble_size", "epochs", "batch_size",
-                                               "learning_rate", "state_hidden", "action_hidden",
-                                               "standardize")}
+                                               "learning_rate", "lr_halving_epochs",
+                                               "state_hidden", "action_hidden", "standardize")}
     simulators = []
     for trial in range(settings["trials"]):
         key = _digest({"dataset": dataset_key, "train": train_settings, "seed": seed + trial})
@@ -374,6 +385,7 @@ def train_stage(run: Run, transitions, settings, seed: int, dataset_key: str) ->
             transitions, rank=settings["rank"], key=jax.random.PRNGKey(seed + trial),
             ensemble_size=settings["ensemble_size"], epochs=settings["epochs"],
             batch_size=settings["batch_size"], learning_rate=settings["learning_rate"],
+            lr_halving_epochs=settings["lr_halving_epochs"],
             state_hidden=settings["state_hidden"], action_hidden=settings["action_hidden"],
             standardize=settings["standardize"],
             checkpoint_dir=run.path("checkpoints", key, f"trial{trial}"))
@@ -571,7 +583,7 @@ def run_pipeline(env_name: str | None, dataset: str, settings: dict, *, preset: 
                                                  "num_agents", "policies_sha256")}
     train_key = {"dataset": dataset_key, "settings": {k: settings[k] for k in (
         "rank", "ensemble_size", "epochs", "batch_size", "learning_rate", "state_hidden",
-        "action_hidden", "standardize", "trials")}, "seed": seed}
+        "action_hidden", "standardize", "lr_halving_epochs", "trials")}, "seed": seed}
 
     simulators = train_stage(run, transitions, settings, seed, _digest(dataset_key))
     covariates, agent_ids = (test_agents_of(env, transitions) if env is not None
