@@ -157,3 +157,16 @@ def test_cli_rejects_nan_dataset_without_output(tmp_path):
     assert "bad.npz" in lines[-1] and "obs" in lines[-1] and "NaN" in lines[-1]
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_settings_follow_the_envs_normalisation_and_schedule():
+    cartpole = run.resolve_settings("cartpole", "pure", "quick")
+    assert cartpole["standardize"] is False                 # the authors' raw CartPole
+    assert cartpole["lr_halving_epochs"] == 50
+    assert run.resolve_settings("halfcheetah", "random", "paper")["standardize"] is True
+    assert run.resolve_settings("mountaincar", "random", "paper")["lr_halving_epochs"] == 150
+    overridden = run.resolve_settings("cartpole", "pure", "quick",
+                                      dict(standardize=True, lr_halving_epochs=0))
+    assert overridden["standardize"] is True and overridden["lr_halving_epochs"] is None
+    with pytest.raises(run.UserError, match="lr_halving_epochs"):
+        run.resolve_settings("cartpole", "pure", "quick", dict(lr_halving_epochs=-1))
