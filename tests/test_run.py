@@ -162,7 +162,9 @@ def test_cli_rejects_nan_dataset_without_output(tmp_path):
 def test_settings_follow_the_envs_normalisation_and_schedule():
     cartpole = run.resolve_settings("cartpole", "pure", "quick")
     assert cartpole["standardize"] is False                 # the authors' raw CartPole
-    assert cartpole["lr_halving_epochs"] == 50
+    assert cartpole["lr_halving_epochs"] == 50 and cartpole["batch_size"] == 64
+    assert run.resolve_settings("cartpole", "pure", "paper")["batch_size"] == 64
+    assert run.resolve_settings("mountaincar", "pure", "paper")["batch_size"] == 256
     assert run.resolve_settings("halfcheetah", "random", "paper")["standardize"] is True
     assert run.resolve_settings("mountaincar", "random", "paper")["lr_halving_epochs"] == 150
     overridden = run.resolve_settings("cartpole", "pure", "quick",
