@@ -146,17 +146,7 @@ def halfcheetah_returns():
 
 
 @needs_halfcheetah
-@pytest.mark.parametrize("index", [
-    0,
-    pytest.param(1, marks=pytest.mark.xfail(
-        strict=False, reason="pure policy 1 (mass 1.4, damping 0.6) averages 2837 over its 5 final "
-        "episodes but stumbles in some: 1160 over this test's 3 episodes; issue 5 stays open for a "
-        "retrain")),
-    pytest.param(2, marks=pytest.mark.xfail(
-        strict=False, reason="pure policy 2 (mass 0.6, damping 0.6) averages 1957 over 5 episodes "
-        "after 390k TD3 steps on 2 CPU cores (best 2-episode evaluation 2187; single episodes "
-        "1440-2190), just below the 2000 floor; issue 5 stays open for a retrain")),
-    3, 4])
+@pytest.mark.parametrize("index", [0, 1, 2, 3, 4])
 def test_halfcheetah_shipped_policies_reach_the_floors(halfcheetah_returns, index):
     kind = "test" if index == 4 else "pure"
     assert halfcheetah_returns[index] >= FLOORS["halfcheetah"][kind], halfcheetah_returns
