@@ -150,3 +150,22 @@ def halfcheetah_returns():
 def test_halfcheetah_shipped_policies_reach_the_floors(halfcheetah_returns, index):
     kind = "test" if index == 4 else "pure"
     assert halfcheetah_returns[index] >= FLOORS["halfcheetah"][kind], halfcheetah_returns
+
+
+def test_retraining_some_policies_keeps_the_better_of_each():
+    # --only: row 2 is retrained from a weak (untrained) shipped policy and
+    # improves; row 4's retrained candidate is untrained and loses to the
+    # shipped one, which is kept.
+    env = envs.make("cartpole")
+    agents = train_policies.training_agents(env)
+    good = policies.stack([*[policies.unstack(policies.load_pure_policies(env), i)
+                             for i in range(5)], policies.load_test_policy(env)])
+    untrained = policies.init_policy(env, jax.random.PRNGKey(3))
+    shipped = jax.tree.map(lambda full, bad: full.at[2].set(bad), good, untrained)
+    candidates = policies.stack([policies.unstack(good, 2), untrained])
+    merged = train_policies._keep_better(env, shipped, candidates, [2, 4], agents[[2, 4]],
+                                         jax.random.PRNGKey(0), 5)
+    for row in range(6):
+        for a, b in zip(jax.tree.leaves(policies.unstack(merged, row)),
+                        jax.tree.leaves(policies.unstack(good, row))):
+            np.testing.assert_array_equal(a, b)
