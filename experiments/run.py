@@ -79,9 +79,9 @@ def define_flags() -> None:
                          "Halve the step size every this many epochs (paper: 150); 0 keeps it "
                          "constant.")
     flags.DEFINE_bool("standardize", None,
-                      "Standardise model inputs and Δ targets (default: as the authors' code, "
-                      "raw for CartPole and MountainCar, standardised for HalfCheetah and "
-                      "your own data).")
+                      "Standardise model inputs and Δ targets (default: raw for CartPole, as "
+                      "the authors' code; standardised for MountainCar, HalfCheetah and your "
+                      "own data).")
     flags.DEFINE_list("state_hidden", None, "Hidden sizes of the state encoder, e.g. 256,512,512.")
     flags.DEFINE_integer("candidates", None,
                          "Random-shooting candidates (paper: 1000) or CEM samples (paper: 200).")
@@ -108,40 +108,43 @@ _PAPER = dict(trials=5, num_agents=datasets.NUM_AGENTS, ensemble_size=5, epochs=
               batch_size=256, learning_rate=1e-3, lr_halving_epochs=150, episodes=20,
               max_steps=None, prediction_episodes=200, true_env_mpc=True)
 
-# quick: each env × dataset in ≤ 10 min (CartPole, MountainCar) / ≤ 20 min
-# (HalfCheetah) on 2 CPU cores, generation of the dataset included. Smaller
-# than the paper in epochs, trials, episodes; HalfCheetah also in agents
-# (100), CEM size, and without True env + MPC (MJX planning on a CPU runs
-# ~2000 simulator steps per plan, ~50 min per episode).
-# Model normalisation. CartPole trains on raw states and Δ, as the authors'
+# Per-env training choices of both presets, measured on the prediction error
+# (benchmarks/RESULTS.md). Model normalisation. CartPole trains on raw states and Δ, as the authors'
 # final code: the raw loss is dominated by Δθ̇, the quantity whose errors grow
 # fastest in open loop, and standardised training gave 3-40x the paper's
 # prediction RMSE. MountainCar (raw in the authors' code) and HalfCheetah are
 # standardised: on MountainCar that measured better (RMSE of the low-gravity
 # test agents 0.014 vs 0.023 after 60 epochs). Measurements: benchmarks/RESULTS.md.
-STANDARDIZE = {"mountaincar": True, "cartpole": False, "halfcheetah": True}
+# Minibatches smaller than the paper's text (256 for every env): CartPole 64,
+# as the authors' code (short-pole test agent RMSE 0.45-0.63 -> 0.06-0.13,
+# paper 0.080); MountainCar 32 (low-gravity test agents 0.014-0.019 ->
+# 0.006-0.008, paper 0.001; the authors' code used 512).
+_ENV_TRAINING = {
+    "cartpole": dict(standardize=False, batch_size=64),
+    "mountaincar": dict(standardize=True, batch_size=32),
+    "halfcheetah": dict(standardize=True),
+}
 
-# Smaller minibatches than the paper's text (256 for every env), measured on
-# the prediction error (benchmarks/RESULTS.md): CartPole 64, as the authors'
-# code (short-pole test agent RMSE 0.45-0.63 -> 0.06-0.13, paper 0.080);
-# MountainCar 32 (low-gravity test agents 0.014-0.019 -> 0.006-0.008, paper
-# 0.001; the authors' code used 512).
-_BATCH = {"cartpole": 64, "mountaincar": 32}
+# quick: each env × dataset in ≤ 10 min (CartPole, MountainCar) / ≤ 20 min
+# (HalfCheetah) on 2 CPU cores, generation of the dataset included. Smaller
+# than the paper in epochs, trials, episodes; HalfCheetah also in agents
+# (100), CEM size, and without True env + MPC (MJX planning on a CPU runs
+# ~2000 simulator steps per plan, ~50 min per episode). CartPole and
+# MountainCar compress the paper's schedule: the step size halves every
+# quarter of the run (paper: 300 epochs, halved at 150).
+_QUICK = {
+    "cartpole": dict(trials=1, epochs=200, lr_halving_epochs=50, episodes=5,
+                     prediction_episodes=50),
+    "mountaincar": dict(trials=1, epochs=60, lr_halving_epochs=20, episodes=5,
+                        prediction_episodes=50),
+    "halfcheetah": dict(trials=1, num_agents=100, epochs=10, episodes=1, prediction_episodes=20,
+                        true_env_mpc=False, candidates=50, horizon=10, cem_rounds=2,
+                        cem_elites=10),
+}
 
 PRESETS = {
-    "paper": {name: dict(_PAPER, batch_size=_BATCH.get(name, _PAPER["batch_size"]))
-              for name in envs.ENV_NAMES},
-    "quick": {
-        # The paper's schedule compressed: the step size halves every quarter
-        # of the run (paper: 300 epochs, halved at 150).
-        "cartpole": dict(_PAPER, trials=1, epochs=200, lr_halving_epochs=50, batch_size=64,
-                         episodes=5, prediction_episodes=50),
-        "mountaincar": dict(_PAPER, trials=1, epochs=60, lr_halving_epochs=20, batch_size=32,
-                            episodes=5, prediction_episodes=50),
-        "halfcheetah": dict(_PAPER, trials=1, num_agents=100, epochs=10, episodes=1,
-                            prediction_episodes=20, true_env_mpc=False, candidates=50, horizon=10,
-                            cem_rounds=2, cem_elites=10),
-    },
+    "paper": {name: {**_PAPER, **_ENV_TRAINING[name]} for name in envs.ENV_NAMES},
+    "quick": {name: {**_PAPER, **_ENV_TRAINING[name], **_QUICK[name]} for name in envs.ENV_NAMES},
 }
 # Settings for the user's own data without an env (no planning).
 _CUSTOM = dict(_PAPER, trials=1, epochs=50, rank=5, state_hidden=(256,), action_hidden=(256, 256),
@@ -177,7 +180,6 @@ def resolve_settings(env_name: str | None, dataset: str, preset: str = "quick",
     else:
         settings = dict(PRESETS[preset][env_name])
         settings.update(model.paper_sizes(env_name))
-        settings.setdefault("standardize", STANDARDIZE[env_name])
     overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
     unknown = sorted(set(overrides) - set(OVERRIDABLE))
     if unknown:

@@ -155,7 +155,6 @@ def init_train_state(key: jax.Array, config: ModelConfig, ensemble_size: int,
                       best_loss=jnp.full((ensemble_size,), jnp.inf, jnp.float32))
 
 
-@functools.lru_cache(maxsize=32)
 def make_optimizer(learning_rate: float, halving_epochs: int | None,
                    steps_per_epoch: int) -> optax.GradientTransformation:
     """Adam; its step size halves every `halving_epochs` epochs (the authors'
@@ -168,6 +167,7 @@ def make_optimizer(learning_rate: float, halving_epochs: int | None,
         decay_rate=0.5, staircase=True))
 
 
+@functools.lru_cache(maxsize=32)
 def make_epoch_fn(config: ModelConfig, learning_rate: float, batch_size: int, num_train: int,
                   has_validation: bool, halving_epochs: int | None = None) -> Callable:
     """The jitted epoch of an ensemble (cached on its static arguments).
@@ -400,8 +400,7 @@ def _fit_rank(transitions: Transitions, rank: int, *, key, ensemble_size, epochs
     manager, start = None, 0
     if checkpoint_dir is not None:
         run = _run_description(transitions, config, key, ensemble_size, batch_size,
-                               learning_rate, validation_fraction, standardize)
-        run["lr_halving_epochs"] = lr_halving_epochs
+                               learning_rate, lr_halving_epochs, validation_fraction, standardize)
         manager = _checkpoint_manager(os.path.join(os.fspath(checkpoint_dir), f"rank_{rank}"),
                                       checkpoint_every)
     bar = None
@@ -479,7 +478,8 @@ def _maybe_restore(manager, state: TrainState, run: dict, epochs: int):
 
 
 def _run_description(transitions: Transitions, config: ModelConfig, key, ensemble_size,
-                     batch_size, learning_rate, validation_fraction, standardize) -> dict:
+                     batch_size, learning_rate, lr_halving_epochs, validation_fraction,
+                     standardize) -> dict:
     """What must match for a checkpoint to be resumed (JSON-able)."""
     if jnp.issubdtype(jnp.asarray(key).dtype, jax.dtypes.prng_key):
         key_data = jax.random.key_data(key)
@@ -499,6 +499,7 @@ def _run_description(transitions: Transitions, config: ModelConfig, key, ensembl
         "ensemble_size": ensemble_size,
         "batch_size": batch_size,
         "learning_rate": learning_rate,
+        "lr_halving_epochs": lr_halving_epochs,
         "validation_fraction": validation_fraction,
         "standardize": standardize,
         "data_sha256": digest.hexdigest(),
