@@ -35,10 +35,17 @@ import functools
 import math
 import os
 
+if __name__ == "__main__":
+    # One JAX CPU device per core (JAX_NUM_CPU_DEVICES=1 keeps JAX's single
+    # device), before gymnax, imported by envs, starts JAX's backends.
+    from persim_jax import runtime
+    runtime.use_cpu_cores()
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
+from jax.sharding import Mesh, PartitionSpec
 
 import envs
 from benchmarks.common import best_time, emit, machine
@@ -148,15 +155,28 @@ def measure(name: str, num_plans: int, repeats: int, matmul_rate: float | None,
     obs = 0.05 * jax.random.normal(jax.random.PRNGKey(2), (num_plans, env.obs_dim))
     agent_ids = jnp.arange(num_plans, dtype=jnp.int32) % NUM_AGENTS
     state = jax.tree.map(lambda x: jnp.broadcast_to(x, (num_plans, *x.shape)), planner.init())
+    devices = jax.devices()
     if num_plans == 1:
+        # One plan: its candidates are split over the devices (planner's
+        # shard_candidates) when there are several.
         fn = jax.jit(one_plan)
         args = (keys[0], jax.tree.map(lambda x: x[0], state), obs[0], agent_ids[0])
-    elif chunk and chunk < num_plans:
-        fn = jax.jit(lambda *xs: jax.lax.map(lambda x: one_plan(*x), xs, batch_size=chunk))
-        args = (keys, state, obs, agent_ids)
     else:
-        fn = jax.jit(jax.vmap(one_plan))
-        args = (keys, state, obs, agent_ids)
+        # As run_episodes: the plans split over the devices, each device
+        # computing its share `chunk` plans at a time.
+        padded = math.ceil(num_plans / len(devices)) * len(devices)
+        take = np.minimum(np.arange(padded), num_plans - 1)
+        args = jax.tree.map(lambda x: x[take], (keys, state, obs, agent_ids))
+        per_device = padded // len(devices)
+
+        def local(*xs):
+            if chunk and chunk < per_device:
+                return jax.lax.map(lambda x: one_plan(*x), xs, batch_size=chunk)
+            return jax.vmap(one_plan)(*xs)
+
+        mesh = Mesh(np.asarray(devices), ("plans",))
+        fn = jax.jit(jax.shard_map(local, mesh=mesh, in_specs=PartitionSpec("plans"),
+                                   out_specs=PartitionSpec("plans"), check_vma=False))
     compiled = fn.lower(*args).compile()
     memory = compiled.memory_analysis()
     call = functools.partial(compiled, *args)
@@ -187,6 +207,7 @@ def measure(name: str, num_plans: int, repeats: int, matmul_rate: float | None,
         "executed_flops_per_transition": executed,
         "executed_flops_per_s": round(rate * executed, 1),
         "chunk": chunk if 1 < num_plans and 0 < chunk < num_plans else num_plans,
+        "devices": len(devices),
         "temp_bytes": None if memory is None else int(memory.temp_size_in_bytes),
         # Other processes on the machine (shared CPUs) lower every figure.
         "loadavg_1min": os.getloadavg()[0],

@@ -43,6 +43,12 @@ import sys
 import time
 from typing import Any
 
+if __name__ == "__main__":
+    # One JAX CPU device per core (JAX_NUM_CPU_DEVICES=1 keeps JAX's single
+    # device), before gymnax, imported by envs, starts JAX's backends.
+    from persim_jax import runtime
+    runtime.use_cpu_cores()
+
 import jax
 import numpy as np
 from absl import app, flags, logging

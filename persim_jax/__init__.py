@@ -15,6 +15,7 @@ from persim_jax.data import (
     validate_transitions,
 )
 from persim_jax.model import ModelConfig, NormStats, Simulator, paper_sizes
+from persim_jax.runtime import available_cores, use_cpu_cores
 from persim_jax.train import EpochMetrics, fit, validation_split
 
 __all__ = [
@@ -23,6 +24,7 @@ __all__ = [
     "NormStats",
     "Simulator",
     "Transitions",
+    "available_cores",
     "fit",
     "from_long_format",
     "from_rollouts",
@@ -34,5 +36,6 @@ __all__ = [
     "save_csv",
     "save_npz",
     "validate_transitions",
+    "use_cpu_cores",
     "validation_split",
 ]

@@ -48,6 +48,7 @@ from typing import Any, Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh, PartitionSpec
 
 Array = jax.Array
 Dynamics = Callable[[Array, Array], Array]
@@ -68,6 +69,9 @@ CPU_ROLLOUT_CHUNK = 256
 # (the authors' shaping bonus; see DESIGN.md).
 MOUNTAINCAR_POSITION_BONUS = 0.01
 
+# Mesh axis of `shard_candidates`.
+CANDIDATE_AXIS = "candidates"
+
 
 # ---------------------------------------------------------------------------
 # Configs
@@ -86,6 +90,8 @@ def _check_objective(config) -> None:
     _check_positive(config, "horizon")
     if config.rollout_chunk not in (None, "auto"):
         _check_positive(config, "rollout_chunk")
+    if not isinstance(config.shard_candidates, (bool, np.bool_)):
+        raise ValueError(f"shard_candidates: must be True or False; got {config.shard_candidates!r}")
 
 
 def _check_positive(config, *names) -> None:
@@ -118,6 +124,13 @@ class RandomShootingConfig:
         after the shared prefix steps); None: all; "auto": at most
         `CPU_ROLLOUT_CHUNK` on a CPU backend, all on accelerators. Speed and
         memory only: the scores are the same.
+      shard_candidates: with more than one local device, split the
+        candidates' rollouts over all of them (`shard_map`, one shard per
+        device, chunked within it by `rollout_chunk`), unless the plan runs
+        inside an already sharded region such as `evaluation.run_episodes`,
+        which shards whole episodes instead. On a CPU made of one device per
+        core (`persim_jax.use_cpu_cores`) this is what lets one plan use
+        every core. Speed only: the scores are the same.
     """
 
     num_actions: int
@@ -130,6 +143,7 @@ class RandomShootingConfig:
     position_index: int = 0
     warm_start: bool = True
     rollout_chunk: int | str | None = "auto"
+    shard_candidates: bool = True
 
     def __post_init__(self):
         _check_positive(self, "num_actions", "num_candidates")
@@ -155,7 +169,7 @@ class CEMConfig:
         in it.
       min_std: floor of σ when sampling (keeps a collapsed σ finite).
       discount, aggregation, propagation, position_bonus, position_index,
-        rollout_chunk: as in `RandomShootingConfig`.
+        rollout_chunk, shard_candidates: as in `RandomShootingConfig`.
     """
 
     action_dim: int
@@ -175,6 +189,7 @@ class CEMConfig:
     position_bonus: float = 0.0
     position_index: int = 0
     rollout_chunk: int | str | None = "auto"
+    shard_candidates: bool = True
 
     def __post_init__(self):
         _check_positive(self, "action_dim", "num_samples", "num_elites")
@@ -225,6 +240,7 @@ def member_returns(
     position_index: int = 0,
     num_actions: int | None = None,
     rollout_chunk: int | str | None = None,
+    shard_candidates: bool = False,
 ) -> Array:
     """Discounted returns of B action sequences under each of the M members.
 
@@ -248,6 +264,8 @@ def member_returns(
         1000 × 30: 1022 instead of 9000 transitions). Same result.
       rollout_chunk: roll the remaining steps out for this many candidates at
         a time (None: all; "auto": see `RandomShootingConfig`).
+      shard_candidates: split the candidates over all local devices (see
+        `RandomShootingConfig`).
 
     Returns:
       (M, B) returns J_m; −inf where the rollout blew up (NaN/inf state while
@@ -328,31 +346,67 @@ def member_returns(
         return accumulated[:4]
 
     weight = carry[4]
-    rest = (feed(prefix[2][-1]), *carry[:4], steps[depth:])
+    rest = (feed(prefix[2][-1]), *carry[:4], steps[depth:])        # candidates on axis 1
     if rollout_chunk == "auto":
         rollout_chunk = CPU_ROLLOUT_CHUNK if jax.default_backend() == "cpu" else None
-    num_chunks = 1 if not rollout_chunk else math.ceil(num_sequences / rollout_chunk)
-    if num_chunks <= 1:
-        _, finite, total, best = rollout(rest[0], (*rest[1:5], weight), rest[5])
-    else:
+
+    def rollout_chunked(rest, weight):
+        """(finite, total, best) (M, b) of the b candidates in `rest`."""
+        count = rest[0].shape[1]
+        num_chunks = 1 if not rollout_chunk else math.ceil(count / rollout_chunk)
+        if num_chunks <= 1:
+            return rollout(rest[0], (*rest[1:5], weight), rest[5])[1:]
         # Candidates in chunks, one after the other (lax.map): on a CPU one
         # chunk's activations then stay in cache for the whole step.
-        size = math.ceil(num_sequences / num_chunks)
-        pad = num_chunks * size - num_sequences
+        size = math.ceil(count / num_chunks)
+        chunked = jax.lax.map(lambda x: rollout(x[0], (*x[1:5], weight), x[5]),
+                              tuple(_split_candidates(x, num_chunks, size) for x in rest))
+        return tuple(jnp.moveaxis(x, 0, 1).reshape(num_members, -1)[:, :count]
+                     for x in chunked[1:])
 
-        def split(x):       # (..., B, ...) with B on axis 1 -> (chunks, ..., size, ...)
-            x = jnp.concatenate([x, x[:, :pad]], axis=1) if pad else x
-            x = x.reshape(x.shape[0], num_chunks, size, *x.shape[2:])
-            return jnp.moveaxis(x, 1, 0)
-
-        out = jax.lax.map(lambda x: rollout(x[0], (*x[1:5], weight), x[5]),
-                          tuple(split(x) for x in rest))
-        _, finite, total, best = (
-            jnp.moveaxis(x, 0, 1).reshape(num_members, -1)[:, :num_sequences] for x in out)
+    devices = _candidate_devices(shard_candidates)
+    if devices is None:
+        finite, total, best = rollout_chunked(rest, weight)
+    else:
+        # One shard of the candidates per device, no communication until the
+        # scores come back (on a CPU with one device per core, each core
+        # rolls out its own candidates: see `persim_jax.use_cpu_cores`).
+        num_devices = len(devices)
+        size = math.ceil(num_sequences / num_devices)
+        shards = tuple(_split_candidates(x, num_devices, size) for x in rest)
+        mesh = Mesh(np.asarray(devices), (CANDIDATE_AXIS,))
+        spec = PartitionSpec(CANDIDATE_AXIS)
+        sharded = jax.shard_map(lambda r, w: tuple(x[None] for x in rollout_chunked(
+                                    tuple(x[0] for x in r), w)),
+                                mesh=mesh, in_specs=((spec,) * len(rest), PartitionSpec()),
+                                out_specs=(spec,) * 3, check_vma=False)
+        finite, total, best = (jnp.moveaxis(x, 0, 1).reshape(num_members, -1)[:, :num_sequences]
+                               for x in sharded(shards, weight))
     if position_bonus:
         total = total + position_bonus * horizon * best
     ok = finite & jnp.isfinite(total)
     return jnp.where(ok, total, -jnp.inf)
+
+
+def _split_candidates(x: Array, parts: int, size: int) -> Array:
+    """(A, B, ...) -> (parts, A, size, ...), B padded to parts · size with
+    copies of the first candidates (their scores are dropped)."""
+    pad = parts * size - x.shape[1]
+    if pad:
+        x = jnp.concatenate([x, jnp.broadcast_to(x[:, :1], (x.shape[0], pad, *x.shape[2:]))],
+                            axis=1)
+    return jnp.moveaxis(x.reshape(x.shape[0], parts, size, *x.shape[2:]), 1, 0)
+
+
+def _candidate_devices(shard_candidates: bool):
+    """The devices to split candidates over, or None: only with more than one
+    local device, and not inside a region that is already sharded by hand
+    (`evaluation.run_episodes` gives every device whole episodes)."""
+    if not shard_candidates or jax.local_device_count() < 2:
+        return None
+    if jax.sharding.get_abstract_mesh().manual_axes:
+        return None
+    return tuple(jax.local_devices())
 
 
 def aggregate(returns: Array, aggregation: str = "min") -> Array:
@@ -372,7 +426,7 @@ def score_sequences(dynamics: Dynamics, reward_fn: RewardFn, terminated_fn: Term
         dynamics, reward_fn, terminated_fn, obs, actions, discount=config.discount,
         propagation=config.propagation, position_bonus=config.position_bonus,
         position_index=config.position_index, num_actions=num_actions,
-        rollout_chunk=config.rollout_chunk)
+        rollout_chunk=config.rollout_chunk, shard_candidates=config.shard_candidates)
     scores = aggregate(returns, config.aggregation)
     return jnp.where(jnp.isnan(scores), -jnp.inf, scores)
 

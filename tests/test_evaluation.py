@@ -108,11 +108,49 @@ SHARDING_SCRIPT = textwrap.dedent("""
                         np.zeros((12, 2), np.uint32)).compile().as_text()
     for op in ("all-gather", "all-reduce", "all-to-all", "collective-permute"):
         assert op not in hlo, op
+    # One plan's candidates split over the 4 devices (shard_candidates, the
+    # default) score as on one: random shooting on a learned-simulator-shaped
+    # ensemble (shared prefix, chunks) with a candidate count that needs
+    # padding, and CEM on HalfCheetah-shaped members.
+    from persim_jax import model
+    for name, count in (("cartpole", 1001), ("halfcheetah", 30)):
+        env_ = envs.make(name)
+        sizes = dict(rank=3, state_hidden=(32,), action_hidden=(16,))
+        config = (model.ModelConfig(num_agents=4, obs_dim=env_.obs_dim,
+                                    num_actions=env_.num_actions, **sizes)
+                  if env_.discrete_actions else
+                  model.ModelConfig(num_agents=4, obs_dim=env_.obs_dim,
+                                    action_dim=env_.action_dim, **sizes))
+        params = jax.vmap(model.init_params, in_axes=(0, None))(
+            jax.random.split(jax.random.PRNGKey(1), 3), config)
+        dim = env_.obs_dim
+        stats = model.NormStats(np.zeros(dim), np.ones(dim), np.zeros(dim), np.full(dim, 0.1),
+                                *((np.zeros(0), np.ones(0)) if env_.discrete_actions else
+                                  (np.zeros(env_.action_dim), np.ones(env_.action_dim))))
+        simulator = model.Simulator(params=params, stats=stats,
+                                    validation_loss=np.zeros(3), config=config)
+        obs = 0.05 * jax.random.normal(jax.random.PRNGKey(2), (dim,))
+        results = []
+        for shard in (True, False):
+            overrides = dict(shard_candidates=shard, rollout_chunk=100, horizon=8)
+            overrides["num_candidates" if env_.discrete_actions else "num_samples"] = count
+            if not env_.discrete_actions:
+                overrides["num_elites"] = 5
+            planner_ = planning.paper_planner(env_, **overrides)
+            plan = jax.jit(lambda key, obs: planner_.plan(
+                key, planner_.init(), obs, planning.simulator_dynamics(simulator, 2)))
+            if shard:
+                text = plan.lower(jax.random.PRNGKey(3), obs).compile().as_text()
+                assert "num_partitions=4" in text, name
+            results.append(plan(jax.random.PRNGKey(3), obs))
+        np.testing.assert_allclose(results[0][0], results[1][0], rtol=1e-5, atol=1e-6)
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+                     results[0][1], results[1][1])
     print("OK", four.tolist())
 """)
 
 
-def test_four_cpu_devices_give_the_same_returns_as_one():
+def test_four_cpu_devices_give_the_same_returns_and_plans_as_one():
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
                JAX_PLATFORMS="cpu")
     result = subprocess.run([sys.executable, "-c", SHARDING_SCRIPT], env=env,
