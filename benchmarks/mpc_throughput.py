@@ -8,11 +8,15 @@ of the planner on a learned-simulator-sized ensemble (M = 5 members of the
 paper's size with random parameters, 500 agents: the cost does not depend on
 the values), divided by the plans it computes (`agents`): one plan, or one
 plan for each of 5 agents × 20 episodes in one call (as
-`evaluation.run_episodes` batches them: `lax.map` over chunks of `--chunk`
-plans, each chunk vmapped; by default one plan at a time on CPU, which is the
-fastest there, and all at once on accelerators). Settings (DESIGN.md): CartPole and MountainCar
-random shooting 1000 candidates × horizon 30 / 50; HalfCheetah CEM 200
-samples × 30 × (1 + 5) rounds.
+`evaluation.run_episodes` batches them: the plans split over the devices, and
+on each device `lax.map` over chunks of `--chunk` plans, each chunk vmapped;
+by default one plan at a time on CPU, which is the fastest there, and all at
+once on accelerators). A single plan splits its candidates over the devices
+(the planner's `shard_candidates`). On a CPU the script first makes JAX show
+one device per core (`persim_jax.use_cpu_cores`; JAX_NUM_CPU_DEVICES=1 in the
+environment measures JAX's default single device). Settings (DESIGN.md):
+CartPole and MountainCar random shooting 1000 candidates × horizon 30 / 50;
+HalfCheetah CEM 200 samples × 30 × (1 + 5) rounds.
 
 `model_transitions_per_s` = candidates × horizon × ensemble × rounds × agents
 / s. `model_flops_per_transition` counts 2 · fan_in · fan_out of every dense

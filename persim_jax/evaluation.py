@@ -10,7 +10,10 @@ planner's own rollouts are scans over the horizon, vmapped over candidates and
 members). Episodes are vmapped over the agent × episode batch, which is split
 over all devices of a `jax.sharding.Mesh` (one shard per device, no
 communication in the step loop); `chunk_size` bounds how many episodes a
-device runs at once (`lax.map` over chunks), which bounds memory.
+device runs at once (`lax.map` over chunks), which bounds memory. On a CPU,
+`persim_jax.use_cpu_cores()` (called first) makes one device per core, so
+that every core plays its own episodes (3-4x faster reward stages on 2 cores
+than one device whose small operations XLA splits over both).
 
 Several hosts: run the same script on every host and call
 `jax.distributed.initialize()` before anything else (arguments auto-detected

@@ -60,9 +60,11 @@ PROPAGATIONS = ("members", "ensemble_mean")
 
 # On a CPU, roll out at most this many candidates at once (`rollout_chunk="auto"`):
 # with M = 5 members and 256-wide layers one chunk's activations (~1.3 MB) stay
-# in the core's cache for the whole step. Random shooting's 1000 candidates
-# then run as 4 chunks of 250, ~20 % faster on 2 cores than all at once; CEM's
-# 200 samples stay one batch (smaller matmuls would be slower there).
+# in the core's cache for the whole step. With one device per core
+# (`persim_jax.use_cpu_cores`, 2 cores) each device's 500 of random shooting's
+# 1000 candidates run as 2 chunks of 250: CartPole's rollouts take 3.5 ms, against
+# 4.7 ms for 500 at once and 3.6 ms for 4 chunks of 125. CEM's 200 samples stay
+# one batch (smaller matmuls would be slower there).
 CPU_ROLLOUT_CHUNK = 256
 
 # MountainCar's planning objective adds 0.01 · max predicted position per step
@@ -130,7 +132,9 @@ class RandomShootingConfig:
         inside an already sharded region such as `evaluation.run_episodes`,
         which shards whole episodes instead. On a CPU made of one device per
         core (`persim_jax.use_cpu_cores`) this is what lets one plan use
-        every core. Speed only: the scores are the same.
+        every core. Speed only: the scores are the same. Set it False to
+        keep a plan on one device (e.g. when its inputs are committed to
+        that device).
     """
 
     num_actions: int

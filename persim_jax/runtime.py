@@ -51,6 +51,9 @@ def use_cpu_cores(num_devices: int | None = None) -> int:
     XLA_FLAGS=--xla_force_host_platform_device_count=N in the environment
     takes precedence (N is returned, nothing is changed).
     """
+    if num_devices is not None and (not isinstance(num_devices, int)
+                                    or isinstance(num_devices, bool) or num_devices < 1):
+        raise ValueError(f"num_devices: must be a positive integer; got {num_devices!r}")
     forced = _forced_device_count()
     if forced is not None:
         return forced
@@ -58,18 +61,16 @@ def use_cpu_cores(num_devices: int | None = None) -> int:
         if jax.config.jax_num_cpu_devices > 0:      # e.g. JAX_NUM_CPU_DEVICES=N
             return jax.config.jax_num_cpu_devices
         num_devices = available_cores()
-    if not isinstance(num_devices, int) or isinstance(num_devices, bool) or num_devices < 1:
-        raise ValueError(f"num_devices: must be a positive integer; got {num_devices!r}")
     if jax.config.jax_num_cpu_devices == num_devices:
         return num_devices
     try:
         jax.config.update("jax_num_cpu_devices", num_devices)
     except RuntimeError as error:
         raise RuntimeError(
-            f"use_cpu_cores({num_devices}): JAX already started its backends with "
-            f"{jax.config.jax_num_cpu_devices} CPU device setting; call use_cpu_cores before any "
-            f"JAX computation (or set XLA_FLAGS=--xla_force_host_platform_device_count="
-            f"{num_devices} in the environment)") from error
+            f"use_cpu_cores({num_devices}): JAX's backends already started with "
+            f"{len(jax.devices('cpu'))} CPU device(s); call use_cpu_cores before any JAX "
+            f"computation and before importing gymnax or envs (or set "
+            f"JAX_NUM_CPU_DEVICES={num_devices} in the environment)") from error
     return num_devices
 
 
