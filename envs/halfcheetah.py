@@ -41,9 +41,11 @@ random-action gait is chaotic (see tests/test_halfcheetah.py).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import os
+import sys
 import warnings
 from typing import Any
 
@@ -53,7 +55,11 @@ import jax.numpy as jnp
 import mujoco
 from flax import struct
 from gymnax.environments import spaces
-from mujoco import mjx
+
+# MJX prints "Failed to import warp: ..." to stdout when the optional Warp
+# backend is absent; keep stdout for the programs' own output (JSON lines).
+with contextlib.redirect_stdout(sys.stderr):
+    from mujoco import mjx
 
 from envs.agents import AgentSpec
 from envs.base import HeterogeneousEnv

@@ -337,6 +337,8 @@ def test_config_validation_names_the_field():
         planning.CEMConfig(action_dim=1, discount=0.0)
     with pytest.raises(ValueError, match="horizon"):
         planning.RandomShootingConfig(num_actions=2, horizon=0)
+    with pytest.raises(ValueError, match="shard_candidates"):
+        planning.CEMConfig(action_dim=1, shard_candidates="yes")
     with pytest.raises(ValueError, match="config"):
         planning.cem(planning.RandomShootingConfig(num_actions=2), quadratic_reward)
 
