@@ -469,7 +469,10 @@ def reward_stage(run: Run, env, simulators, covariates, agent_ids, settings, see
     planner = planner_for(env, settings)
     description = planner_description(planner)
     episodes, max_steps = settings["episodes"], settings["max_steps"]
-    key = _digest({"train": train_key, "planner": description, "episodes": episodes,
+    # Where the candidates run (shard_candidates) does not change the returns
+    # (tests/test_evaluation.py): it is recorded but not part of the key.
+    planner_key = {k: v for k, v in description.items() if k != "shard_candidates"}
+    key = _digest({"train": train_key, "planner": planner_key, "episodes": episodes,
                    "max_steps": max_steps, "agents": agent_ids.tolist(), "seed": seed,
                    "true_env": settings["true_env_mpc"]})
     cached = run.cached("reward", key)
