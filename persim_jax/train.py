@@ -25,7 +25,7 @@ import functools
 import hashlib
 import math
 import os
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -39,7 +39,7 @@ from persim_jax.data import Transitions, validate_transitions
 from persim_jax.model import ModelConfig, NormStats, Simulator
 
 RANK_CANDIDATES = (3, 5, 10, 15, 20, 30)
-CHECKPOINT_FORMAT = 1
+CHECKPOINT_FORMAT = 2
 # Validation transitions are scored in chunks of this many, so that a large
 # held-out set (e.g. 100k HalfCheetah transitions × 5 members) fits in memory.
 VALIDATION_CHUNK = 8192
@@ -254,34 +254,14 @@ def validation_split(key: jax.Array, num_transitions: int,
 # fit
 
 
-def fit(
-    transitions: Transitions,
-    *,
-    rank: int | str,
-    key: jax.Array,
-    ensemble_size: int = 5,
-    epochs: int = 300,
-    batch_size: int = 256,
-    learning_rate: float = 1e-3,
-    lr_halving_epochs: int | None = None,
-    validation_fraction: float = 0.2,
-    state_hidden: Sequence[int] = (256,),
-    action_hidden: Sequence[int] = (256, 256),
-    rank_candidates: Sequence[int] = RANK_CANDIDATES,
-    standardize: bool = True,
-    checkpoint_dir: str | os.PathLike | None = None,
-    checkpoint_every: int = 10,
-    callback: Callable[[EpochMetrics], None] | None = None,
-    progress: bool = True,
-) -> Simulator:
-    """Learns one personalised simulator per agent, as an ensemble of M.
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """How `fit` trains an ensemble (validated at construction; hashable).
 
-    Args:
-      transitions: the offline data (validated again here).
+    Attributes:
       rank: the number of latent factors r, or "auto" to pick the rank with
         the lowest mean validation loss among `rank_candidates` (one ensemble
         is trained per candidate).
-      key: PRNG key; the same key gives the same simulator, interrupted or not.
       ensemble_size: M members, differing in initialisation and batch order.
       epochs: passes over the training transitions.
       batch_size: minibatch size (clamped to the number of training
@@ -293,16 +273,99 @@ def fit(
         trajectories). Each member keeps the parameters of its best validation
         epoch. 0 trains on everything and keeps the last parameters.
       state_hidden: hidden sizes of the state encoder ((256,) for
-        MountainCar/CartPole, (256, 512, 512) for HalfCheetah; see
-        `model.paper_sizes`).
+        MountainCar/CartPole, (256, 512, 512) for HalfCheetah; the paper's
+        sizes per env are in `experiments.paper.MODEL_SIZES`).
       action_hidden: hidden sizes of the continuous action encoder (ignored
         for discrete actions).
       rank_candidates: ranks tried by rank="auto".
       standardize: standardise inputs and Δ targets with training statistics
         (default); False trains on raw values.
+    """
+
+    rank: int | str
+    ensemble_size: int = 5
+    epochs: int = 300
+    batch_size: int = 256
+    learning_rate: float = 1e-3
+    lr_halving_epochs: int | None = None
+    validation_fraction: float = 0.2
+    state_hidden: tuple[int, ...] = (256,)
+    action_hidden: tuple[int, ...] = (256, 256)
+    rank_candidates: tuple[int, ...] = RANK_CANDIDATES
+    standardize: bool = True
+
+    def __post_init__(self):
+        if isinstance(self.rank, str):
+            if self.rank != "auto":
+                raise ValueError(f"rank: an integer or 'auto'; got {self.rank!r}")
+            if self.validation_fraction <= 0:
+                raise ValueError("validation_fraction: rank='auto' selects by validation loss; "
+                                 "it needs validation_fraction > 0")
+            if not tuple(self.rank_candidates):
+                raise ValueError("rank_candidates: empty")
+            for r in self.rank_candidates:
+                _check_positive_int("rank_candidates", r)
+        else:
+            _check_positive_int("rank", self.rank)
+        for name in ("ensemble_size", "epochs", "batch_size"):
+            _check_positive_int(name, getattr(self, name))
+        if not (isinstance(self.learning_rate, (int, float)) and self.learning_rate > 0):
+            raise ValueError(f"learning_rate: must be a positive number; got "
+                             f"{self.learning_rate!r}")
+        if self.lr_halving_epochs is not None and not (
+                isinstance(self.lr_halving_epochs, (int, np.integer))
+                and self.lr_halving_epochs > 0):
+            raise ValueError(f"lr_halving_epochs: must be a positive integer or None; got "
+                             f"{self.lr_halving_epochs!r}")
+        if not 0.0 <= float(self.validation_fraction) < 1.0:
+            raise ValueError(f"validation_fraction: must be in [0, 1); got "
+                             f"{self.validation_fraction!r}")
+        # Plain Python values (lists from JSON become tuples), so that the
+        # config hashes and `dataclasses.asdict` is JSON-able.
+        fields = dict(
+            rank=self.rank if isinstance(self.rank, str) else int(self.rank),
+            ensemble_size=int(self.ensemble_size), epochs=int(self.epochs),
+            batch_size=int(self.batch_size), learning_rate=float(self.learning_rate),
+            lr_halving_epochs=(None if self.lr_halving_epochs is None
+                               else int(self.lr_halving_epochs)),
+            validation_fraction=float(self.validation_fraction),
+            state_hidden=tuple(int(h) for h in self.state_hidden),
+            action_hidden=tuple(int(h) for h in self.action_hidden),
+            rank_candidates=tuple(int(r) for r in self.rank_candidates),
+            standardize=bool(self.standardize))
+        for name, value in fields.items():
+            object.__setattr__(self, name, value)
+
+    @property
+    def ranks(self) -> tuple[int, ...]:
+        """The ranks `fit` trains: the candidates for "auto", else the rank."""
+        return self.rank_candidates if self.rank == "auto" else (self.rank,)
+
+
+def fit(
+    transitions: Transitions,
+    config: TrainConfig | None = None,
+    *,
+    key: jax.Array,
+    checkpoint_dir: str | os.PathLike | None = None,
+    checkpoint_every: int = 10,
+    callback: Callable[[EpochMetrics], None] | None = None,
+    progress: bool = True,
+    **fields,
+) -> Simulator:
+    """Learns one personalised simulator per agent, as an ensemble of M.
+
+        simulator = fit(transitions, TrainConfig(rank=5, epochs=300), key=key)
+        simulator = fit(transitions, rank=5, epochs=300, key=key)     # the same
+
+    Args:
+      transitions: the offline data (validated again here).
+      config: how to train (`TrainConfig`); keyword `fields` build one, or
+        replace fields of `config`.
+      key: PRNG key; the same key gives the same simulator, interrupted or not.
       checkpoint_dir: if given, orbax checkpoints are written to
         `<checkpoint_dir>/rank_<r>/` every `checkpoint_every` epochs and after
-        the last one; a later call with the same data, key and settings
+        the last one; a later call with the same data, key and config
         resumes from the latest one (and ends with the same parameters as an
         uninterrupted run; `epochs` may be raised to train further). A
         directory holding a different run is refused.
@@ -310,100 +373,90 @@ def fit(
       callback: called with `EpochMetrics` after every epoch (after any
         checkpoint of that epoch is written).
       progress: show a tqdm progress bar with the validation loss.
+      **fields: `TrainConfig` fields.
 
     Returns:
-      Simulator with the members' best-validation parameters.
+      Simulator with the members' best-validation parameters; with
+      rank="auto", the best rank's, its `rank_losses` listing every candidate.
 
     Raises:
-      ValueError: bad data (see `data.validate_transitions`) or arguments, or
-        a checkpoint directory holding a different run.
+      ValueError: bad data (see `data.validate_transitions`) or config, or a
+        checkpoint directory holding a different run.
     """
     validate_transitions(transitions)
-    _check_positive_int("ensemble_size", ensemble_size)
-    _check_positive_int("epochs", epochs)
-    _check_positive_int("batch_size", batch_size)
+    config = TrainConfig(**fields) if config is None else dataclasses.replace(config, **fields)
     _check_positive_int("checkpoint_every", checkpoint_every)
-    if not (isinstance(learning_rate, (int, float)) and learning_rate > 0):
-        raise ValueError(f"learning_rate: must be a positive number; got {learning_rate!r}")
-    if lr_halving_epochs is not None and not (isinstance(lr_halving_epochs, (int, np.integer))
-                                              and lr_halving_epochs > 0):
-        raise ValueError(f"lr_halving_epochs: must be a positive integer or None; got "
-                         f"{lr_halving_epochs!r}")
-    if not 0.0 <= float(validation_fraction) < 1.0:
-        raise ValueError(f"validation_fraction: must be in [0, 1); got {validation_fraction!r}")
     num_train_rows = len(validation_split(key, transitions.num_transitions,
-                                          validation_fraction)[0])
+                                          config.validation_fraction)[0])
     if num_train_rows < 1:
-        raise ValueError(f"validation_fraction: {validation_fraction} leaves no training "
-                         f"transitions out of {transitions.num_transitions}")
-
-    if isinstance(rank, str):
-        if rank != "auto":
-            raise ValueError(f"rank: an integer or 'auto'; got {rank!r}")
-        if validation_fraction <= 0:
-            raise ValueError("validation_fraction: rank='auto' selects by validation loss; "
-                             "it needs validation_fraction > 0")
-        candidates = tuple(int(r) for r in rank_candidates)
-        if not candidates:
-            raise ValueError("rank_candidates: empty")
-        for r in candidates:
-            _check_positive_int("rank_candidates", r)
-    else:
-        _check_positive_int("rank", rank)
-        candidates = (int(rank),)
-
-    options = dict(key=key, ensemble_size=int(ensemble_size), epochs=int(epochs),
-                   batch_size=int(batch_size), learning_rate=float(learning_rate),
-                   lr_halving_epochs=None if lr_halving_epochs is None else int(lr_halving_epochs),
-                   validation_fraction=float(validation_fraction),
-                   state_hidden=tuple(int(h) for h in state_hidden),
-                   action_hidden=tuple(int(h) for h in action_hidden),
-                   standardize=bool(standardize), checkpoint_dir=checkpoint_dir,
-                   checkpoint_every=int(checkpoint_every), callback=callback, progress=progress)
-    results = [_fit_rank(transitions, r, **options) for r in candidates]
+        raise ValueError(f"validation_fraction: {config.validation_fraction} leaves no "
+                         f"training transitions out of {transitions.num_transitions}")
+    results = [_fit_rank(transitions, config, rank, key,
+                         checkpoint_dir=checkpoint_dir, checkpoint_every=int(checkpoint_every),
+                         callback=callback, progress=progress)
+               for rank in config.ranks]
     if len(results) == 1:
         return results[0]
     losses = [float(np.mean(np.asarray(sim.validation_loss))) for sim in results]
     best = int(np.argmin(losses))
     return results[best].replace(
-        rank_losses=tuple((r, loss) for r, loss in zip(candidates, losses)))
+        rank_losses=tuple((r, loss) for r, loss in zip(config.ranks, losses)))
 
 
-def _fit_rank(transitions: Transitions, rank: int, *, key, ensemble_size, epochs, batch_size,
-              learning_rate, lr_halving_epochs, validation_fraction, state_hidden, action_hidden,
-              standardize, checkpoint_dir, checkpoint_every, callback, progress) -> Simulator:
+def _fit_rank(transitions: Transitions, config: TrainConfig, rank: int, key: jax.Array, *,
+              checkpoint_dir, checkpoint_every: int, callback, progress: bool) -> Simulator:
     """fit() for one rank."""
-    config = ModelConfig(
+    model_config = ModelConfig(
         num_agents=transitions.num_agents, obs_dim=transitions.obs_dim, rank=rank,
         num_actions=transitions.num_actions, action_dim=transitions.action_dim,
-        state_hidden=state_hidden, action_hidden=action_hidden)
+        state_hidden=config.state_hidden, action_hidden=config.action_hidden)
     _, init_key, shuffle_key = _fit_keys(key)
     train_index, validation_index = validation_split(key, transitions.num_transitions,
-                                                     validation_fraction)
-    if standardize:
-        stats = model_lib.compute_stats(
-            np.asarray(transitions.obs)[train_index], np.asarray(transitions.action)[train_index],
-            np.asarray(transitions.next_obs)[train_index], discrete=transitions.discrete)
-    else:
-        stats = model_lib.identity_stats(transitions.obs_dim, transitions.action_dim)
+                                                     config.validation_fraction)
+    stats = _norm_stats(transitions, train_index, config.standardize)
     train = make_batch(transitions, stats, train_index)
     has_validation = len(validation_index) > 0
     validation = chunk_batch(make_batch(transitions, stats, validation_index if has_validation
-                                   else train_index[:1]),
-                        min(VALIDATION_CHUNK, max(1, len(validation_index))))
-    batch_size = min(batch_size, len(train_index))
-    epoch_fn = make_epoch_fn(config, learning_rate, batch_size, len(train_index), has_validation,
-                             lr_halving_epochs)
-    optimizer = make_optimizer(learning_rate, lr_halving_epochs, len(train_index) // batch_size)
-    state = init_train_state(init_key, config, ensemble_size, optimizer)
+                                        else train_index[:1]),
+                             min(VALIDATION_CHUNK, max(1, len(validation_index))))
+    batch_size = min(config.batch_size, len(train_index))
+    epoch_fn = make_epoch_fn(model_config, config.learning_rate, batch_size, len(train_index),
+                             has_validation, config.lr_halving_epochs)
+    optimizer = make_optimizer(config.learning_rate, config.lr_halving_epochs,
+                               len(train_index) // batch_size)
+    state = init_train_state(init_key, model_config, config.ensemble_size, optimizer)
 
-    manager, start = None, 0
+    manager = run = None
     if checkpoint_dir is not None:
-        run = _run_description(transitions, config, key, ensemble_size, batch_size,
-                               learning_rate, lr_halving_epochs, validation_fraction, standardize)
+        run = _run_description(transitions, model_config, config, key, batch_size)
         manager = _checkpoint_manager(os.path.join(os.fspath(checkpoint_dir), f"rank_{rank}"),
                                       checkpoint_every)
-    bar = None
+    state = _train_epochs(state, epoch_fn, train, validation, shuffle_key, rank=rank,
+                          epochs=config.epochs, manager=manager, run=run,
+                          checkpoint_every=checkpoint_every, callback=callback,
+                          progress=progress)
+    best_loss = (state.best_loss if has_validation
+                 else jnp.full((config.ensemble_size,), jnp.nan))
+    return Simulator(params=state.best_params, stats=stats, validation_loss=best_loss,
+                     config=model_config, agent_keys=transitions.agent_keys)
+
+
+def _norm_stats(transitions: Transitions, train_index: np.ndarray, standardize: bool
+                ) -> NormStats:
+    """The training split's statistics, or the identity without standardisation."""
+    if not standardize:
+        return model_lib.identity_stats(transitions.obs_dim, transitions.action_dim)
+    return model_lib.compute_stats(
+        np.asarray(transitions.obs)[train_index], np.asarray(transitions.action)[train_index],
+        np.asarray(transitions.next_obs)[train_index], discrete=transitions.discrete)
+
+
+def _train_epochs(state: TrainState, epoch_fn, train: Batch, validation: Batch,
+                  shuffle_key: jax.Array, *, rank: int, epochs: int, manager, run: dict | None,
+                  checkpoint_every: int, callback, progress: bool) -> TrainState:
+    """The epoch loop: resumes from `manager`'s latest checkpoint, checkpoints
+    every K epochs and after the last, reports progress and metrics."""
+    start, bar = 0, None
     try:
         if manager is not None:
             state, start = _maybe_restore(manager, state, run, epochs)
@@ -436,10 +489,7 @@ def _fit_rank(transitions: Transitions, rank: int, *, key, ensemble_size, epochs
         if manager is not None:
             manager.wait_until_finished()
             manager.close()
-
-    best_loss = state.best_loss if has_validation else jnp.full((ensemble_size,), jnp.nan)
-    return Simulator(params=state.best_params, stats=stats, validation_loss=best_loss,
-                     config=config, agent_keys=transitions.agent_keys)
+    return state
 
 
 # ---------------------------------------------------------------------------
@@ -477,10 +527,11 @@ def _maybe_restore(manager, state: TrainState, run: dict, epochs: int):
     return restored, step
 
 
-def _run_description(transitions: Transitions, config: ModelConfig, key, ensemble_size,
-                     batch_size, learning_rate, lr_halving_epochs, validation_fraction,
-                     standardize) -> dict:
-    """What must match for a checkpoint to be resumed (JSON-able)."""
+def _run_description(transitions: Transitions, model_config: ModelConfig,
+                     config: TrainConfig, key, batch_size: int) -> dict:
+    """What must match for a checkpoint to be resumed (JSON-able): the data's
+    digest, the network, the key and the training config (`epochs` aside:
+    a run may be resumed to train further)."""
     if jnp.issubdtype(jnp.asarray(key).dtype, jax.dtypes.prng_key):
         key_data = jax.random.key_data(key)
     else:
@@ -491,19 +542,23 @@ def _run_description(transitions: Transitions, config: ModelConfig, key, ensembl
         array = np.ascontiguousarray(np.asarray(array))
         digest.update(str((array.shape, array.dtype.str)).encode())
         digest.update(array.tobytes())
+    # The network's sizes are in "model"; the rank of this checkpoint too.
+    training = {k: v for k, v in dataclasses.asdict(config).items()
+                if k not in ("epochs", "rank", "rank_candidates", "state_hidden",
+                             "action_hidden")}
     return {
         "format": CHECKPOINT_FORMAT,
-        "model": config.to_dict() | {"state_hidden": list(config.state_hidden),
-                                     "action_hidden": list(config.action_hidden)},
-        "key": np.asarray(key_data).tolist(),
-        "ensemble_size": ensemble_size,
+        "model": _jsonable(model_config.to_dict()),
+        **training,
         "batch_size": batch_size,
-        "learning_rate": learning_rate,
-        "lr_halving_epochs": lr_halving_epochs,
-        "validation_fraction": validation_fraction,
-        "standardize": standardize,
+        "key": np.asarray(key_data).tolist(),
         "data_sha256": digest.hexdigest(),
     }
+
+
+def _jsonable(tree: dict) -> dict:
+    """Tuples as lists: what the description reads back as from JSON."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in tree.items()}
 
 
 def _check_positive_int(name: str, value) -> None:
