@@ -28,7 +28,7 @@ import json
 import logging
 import os
 import tempfile
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any, Iterator, Mapping, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -163,8 +163,35 @@ def make_transitions(
     """
     obs = _as_float_array("obs", obs)
     next_obs = _as_float_array("next_obs", next_obs)
-    action = np.asarray(action)
     t = obs.shape[0] if obs.ndim >= 1 else 0
+    action, discrete, num_actions = _coerce_actions(action, num_actions)
+    agent_id, num_agents, agent_keys = _coerce_agent_ids(
+        agent_id, t, num_agents=num_agents, agent_keys=agent_keys, map_agent_ids=map_agent_ids)
+    reward = np.zeros(t, np.float32) if reward is None else _as_float_array("reward", reward)
+    done = np.zeros(t, bool) if done is None else _as_flag_array("done", done)
+    timeout = np.zeros(t, bool) if timeout is None else _as_flag_array("timeout", timeout)
+    if covariates is not None:
+        covariates = _as_float_array("covariates", covariates)
+
+    transitions = Transitions(
+        obs=obs, action=action, next_obs=next_obs, reward=reward, done=done,
+        timeout=timeout, agent_id=agent_id, covariates=covariates,
+        num_agents=int(num_agents), num_actions=num_actions, agent_keys=agent_keys)
+    validate_transitions(transitions)
+    return transitions.replace(
+        action=action.astype(np.int32) if discrete else action,
+        agent_id=agent_id.astype(np.int32))
+
+
+def _coerce_actions(action, num_actions: int | None) -> tuple[np.ndarray, bool, int | None]:
+    """Decides whether `action` is discrete and converts it.
+
+    Returns:
+      (action, discrete, num_actions): (T,) int64 discrete actions or (T, A)
+      float32 continuous ones; num_actions inferred as max(action) + 1 for
+      discrete actions when not given, unchanged otherwise.
+    """
+    action = np.asarray(action)
     if action.ndim == 1 and action.dtype.kind in "iub":
         discrete = True
     elif action.ndim == 1 and action.dtype.kind == "f" and num_actions is not None:
@@ -176,18 +203,32 @@ def make_transitions(
             f"action: expected (T,) integer actions or (T, A) float actions; got shape "
             f"{action.shape} and dtype {action.dtype} (a 1-d continuous action needs shape "
             f"(T, 1); integer-valued floats need num_actions=...)")
-    if discrete:
-        if action.dtype.kind == "f":
-            bad = np.flatnonzero(~np.isfinite(action) | (action != np.round(action)))
-            if bad.size:
-                raise ValueError(f"action: discrete actions must be integers; row {bad[0]} "
-                                 f"has {action[bad[0]]!r}")
-        action = action.astype(np.int64)
-        if num_actions is None:
-            num_actions = int(action.max()) + 1 if action.size else 0
-    else:
-        action = _as_float_array("action", action)
+    if not discrete:
+        return _as_float_array("action", action), False, num_actions
+    if action.dtype.kind == "f":
+        bad = np.flatnonzero(~np.isfinite(action) | (action != np.round(action)))
+        if bad.size:
+            raise ValueError(f"action: discrete actions must be integers; row {bad[0]} "
+                             f"has {action[bad[0]]!r}")
+    action = action.astype(np.int64)
+    if num_actions is None:
+        num_actions = int(action.max()) + 1 if action.size else 0
+    return action, True, num_actions
 
+
+def _coerce_agent_ids(agent_id, t: int, *, num_agents: int | None, agent_keys: Sequence | None,
+                      map_agent_ids: bool) -> tuple[np.ndarray, int, tuple | None]:
+    """Turns (T,) agent ids into agent indices.
+
+    With `map_agent_ids`, any ids are mapped to 0..N-1 in sorted order and the
+    originals become `agent_keys`; otherwise the ids must already be integers.
+    `t` (the number of transitions) only appears in the shape error.
+
+    Returns:
+      (agent_id, num_agents, agent_keys): (T,) int64 indices, N (given, or
+      inferred as max + 1 / the number of distinct ids), and the original ids
+      as a tuple (None when there are none).
+    """
     agent_id = np.asarray(agent_id)
     if agent_id.ndim != 1:
         raise ValueError(f"agent_id: expected shape (T,) = ({t},); got {agent_id.shape}")
@@ -212,23 +253,7 @@ def make_transitions(
         agent_id = agent_id.astype(np.int64)
         if num_agents is None:
             num_agents = int(agent_id.max()) + 1 if agent_id.size else 0
-    if agent_keys is not None:
-        agent_keys = tuple(agent_keys)
-
-    reward = np.zeros(t, np.float32) if reward is None else _as_float_array("reward", reward)
-    done = np.zeros(t, bool) if done is None else _as_flag_array("done", done)
-    timeout = np.zeros(t, bool) if timeout is None else _as_flag_array("timeout", timeout)
-    if covariates is not None:
-        covariates = _as_float_array("covariates", covariates)
-
-    transitions = Transitions(
-        obs=obs, action=action, next_obs=next_obs, reward=reward, done=done,
-        timeout=timeout, agent_id=agent_id, covariates=covariates,
-        num_agents=int(num_agents), num_actions=num_actions, agent_keys=agent_keys)
-    validate_transitions(transitions)
-    return transitions.replace(
-        action=action.astype(np.int32) if discrete else action,
-        agent_id=agent_id.astype(np.int32))
+    return agent_id, num_agents, (None if agent_keys is None else tuple(agent_keys))
 
 
 def validate_transitions(transitions: Transitions) -> None:
@@ -240,10 +265,14 @@ def validate_transitions(transitions: Transitions) -> None:
       agent ids outside 0..N-1, agents without transitions, discrete actions
       outside 0..num_actions-1, covariates of the wrong shape.
     """
+    _check_arrays(transitions)
+    _check_agents(transitions)
+
+
+def _check_arrays(transitions: Transitions) -> None:
+    """Checks the per-transition arrays: shapes (T, D) / (T,), actions, finiteness."""
     obs = np.asarray(transitions.obs)
     next_obs = np.asarray(transitions.next_obs)
-    action = np.asarray(transitions.action)
-    agent_id = np.asarray(transitions.agent_id)
     if obs.ndim != 2:
         raise ValueError(f"obs: expected shape (T, D); got {obs.shape}")
     t, d = obs.shape
@@ -257,10 +286,19 @@ def validate_transitions(transitions: Transitions) -> None:
     for name, value, shape in (("reward", transitions.reward, (t,)),
                                ("done", transitions.done, (t,)),
                                ("timeout", transitions.timeout, (t,)),
-                               ("agent_id", agent_id, (t,))):
+                               ("agent_id", transitions.agent_id, (t,))):
         if np.shape(value) != shape:
             raise ValueError(f"{name}: expected shape {shape} (one per transition); got "
                              f"{np.shape(value)}")
+    _check_actions(transitions, t)
+    _check_finite("obs", obs)
+    _check_finite("next_obs", next_obs)
+    _check_finite("reward", np.asarray(transitions.reward))
+
+
+def _check_actions(transitions: Transitions, t: int) -> None:
+    """Checks the T actions: (T,) in 0..num_actions-1, or (T, A) finite floats."""
+    action = np.asarray(transitions.action)
     if transitions.discrete:
         if action.shape != (t,):
             raise ValueError(f"action: discrete actions need shape (T,) = ({t},); got "
@@ -277,10 +315,11 @@ def validate_transitions(transitions: Transitions) -> None:
             raise ValueError(f"action: continuous actions need shape (T, A) with T = {t}; got "
                              f"{action.shape}")
         _check_finite("action", action)
-    _check_finite("obs", obs)
-    _check_finite("next_obs", next_obs)
-    _check_finite("reward", np.asarray(transitions.reward))
 
+
+def _check_agents(transitions: Transitions) -> None:
+    """Checks the agents: ids in 0..N-1, each with a transition, N keys, (N, P) covariates."""
+    agent_id = np.asarray(transitions.agent_id)
     n = transitions.num_agents
     if n < 1:
         raise ValueError(f"num_agents: must be >= 1; got {n}")
@@ -307,6 +346,7 @@ def validate_transitions(transitions: Transitions) -> None:
         if cov.ndim != 2 or cov.shape[0] != n:
             raise ValueError(f"covariates: expected shape (N, P) with N = {n}; got {cov.shape}")
         _check_finite("covariates", cov)
+
 
 
 def from_rollouts(obs, action, next_obs, *, reward=None, done=None, timeout=None, valid=None,
@@ -551,46 +591,118 @@ def from_long_format(
     Returns:
       Validated Transitions.
     """
-    names = list(columns)
-    num_rows = len(next(iter(columns.values()))) if columns else 0
-    labels = np.arange(num_rows) if row_labels is None else np.asarray(row_labels)
+    table = _LongTable.of(columns, row_labels, source)
+    if table.num_rows == 0:
+        raise ValueError(f"{source.split(':')[0]}: the table has no rows")
+    roles = _resolve_columns(
+        table, agent_column=agent_column, time_column=time_column,
+        state_columns=state_columns, action_columns=action_columns,
+        next_state_columns=next_state_columns, reward_column=reward_column,
+        done_column=done_column, state_prefix=state_prefix, action_prefix=action_prefix,
+        next_state_prefix=next_state_prefix)
+    raw_ids, ids, agent_keys = _agent_indices(table, roles.agent, map_agent_ids)
+    order, same_agent = _sort_by_agent_and_time(table, roles.time, ids, raw_ids)
+    state = np.stack([table.numeric(name) for name in roles.state], axis=1)
+    action, discrete_actions = _parse_actions(table, roles.action, discrete_actions, num_actions)
+    reward = (table.numeric(roles.reward) if roles.reward is not None
+              else np.zeros(table.num_rows))
+    done = (_parse_flags(table, roles.done) if roles.done is not None
+            else np.zeros(table.num_rows, bool))
+    rows, next_state = _pair_successors(table, roles.next_state, state, done, order, same_agent)
+    num_agents = int(ids.max()) + 1 if agent_keys is None else len(agent_keys)
+    _check_every_agent_has_a_transition(table, roles.agent, ids, rows, num_agents, agent_keys)
+    return make_transitions(
+        state[rows], action[rows], next_state, ids[rows], reward=reward[rows], done=done[rows],
+        num_agents=num_agents, num_actions=num_actions if discrete_actions else None,
+        covariates=covariates, agent_keys=agent_keys)
 
-    def where(row: int) -> str:
-        return f"{source} {labels[row]}"
 
-    def require(name: str, role: str) -> None:
-        if name not in columns:
-            raise ValueError(f"{role}: column {name!r} not found; columns are {names}")
+class _LongTable(NamedTuple):
+    """A long-format table (column name -> (R,) values) and how errors name its rows."""
 
-    def numeric(name: str) -> np.ndarray:
-        values = columns[name]
+    columns: Mapping[str, Sequence]
+    labels: np.ndarray  # (R,) what to call each row in messages, e.g. file line numbers
+    source: str  # prefix of row references, e.g. "data.csv: line"
+
+    @classmethod
+    def of(cls, columns: Mapping[str, Sequence], row_labels: np.ndarray | None,
+           source: str) -> "_LongTable":
+        num_rows = len(next(iter(columns.values()))) if columns else 0
+        labels = np.arange(num_rows) if row_labels is None else np.asarray(row_labels)
+        return cls(columns, labels, source)
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.columns)
+
+    @property
+    def num_rows(self) -> int:
+        return len(next(iter(self.columns.values()))) if self.columns else 0
+
+    def where(self, row: int) -> str:
+        """How messages refer to table row `row`, e.g. "data.csv: line 7"."""
+        return f"{self.source} {self.labels[row]}"
+
+    def require(self, name: str, role: str) -> None:
+        """Raises a ValueError naming `role` and listing the columns if `name` is absent."""
+        if name not in self.columns:
+            raise ValueError(f"{role}: column {name!r} not found; columns are {self.names}")
+
+    def numeric(self, name: str) -> np.ndarray:
+        """(R,) float64 values of column `name`; rejects text, blanks, NaN and inf."""
+        values = self.columns[name]
         try:
             out = np.asarray(values, dtype=np.float64)
         except (TypeError, ValueError):
+            # Parse value by value to name the first row that is not a number.
             out = np.empty(len(values), np.float64)
             for i, value in enumerate(values):
                 try:
                     out[i] = float(value) if value is not None and str(value).strip() else np.nan
                 except ValueError:
-                    raise ValueError(f"column {name!r}: {where(i)} has {value!r}, not a "
+                    raise ValueError(f"column {name!r}: {self.where(i)} has {value!r}, not a "
                                      f"number") from None
         bad = np.flatnonzero(~np.isfinite(out))
         if bad.size:
-            raise ValueError(f"column {name!r}: {where(bad[0])} has {columns[name][bad[0]]!r} "
+            raise ValueError(f"column {name!r}: {self.where(bad[0])} has {values[bad[0]]!r} "
                              f"(missing, NaN or inf)")
         return out
+
+
+class _ColumnRoles(NamedTuple):
+    """Which columns of a long-format table hold what."""
+
+    agent: str
+    time: str | None  # None: rows are in time order; checked when the rows are sorted
+    state: Sequence[str]  # D columns of s_t
+    action: Sequence[str]  # one discrete or A continuous action columns
+    next_state: Sequence[str]  # D columns of s_{t+1}, or empty: the agent's next row is s_{t+1}
+    reward: str | None  # None: absent from the table, rewards are zero
+    done: str | None  # None: absent from the table, no step is done
+
+
+def _resolve_columns(table: _LongTable, *, agent_column: str, time_column: str | None,
+                     state_columns: Sequence[str] | None, action_columns: Sequence[str] | None,
+                     next_state_columns: Sequence[str] | None, reward_column: str | None,
+                     done_column: str | None, state_prefix: str, action_prefix: str,
+                     next_state_prefix: str) -> _ColumnRoles:
+    """Finds the agent, state, action, next-state, reward and done columns.
+
+    Columns not given are inferred by name prefix, in table order; a column
+    claimed by an earlier role is not taken again. Raises a ValueError naming
+    the role and listing the table's columns when one is missing.
+    """
+    names = table.names
 
     def by_prefix(prefix: str, exclude: Sequence[str]) -> list[str]:
         return [n for n in names if n.startswith(prefix) and n not in exclude]
 
-    if num_rows == 0:
-        raise ValueError(f"{source.split(':')[0]}: the table has no rows")
-    require(agent_column, "agent_column")
+    table.require(agent_column, "agent_column")
     special = [agent_column, time_column, reward_column, done_column]
     if next_state_columns is None:
         next_state_columns = by_prefix(next_state_prefix, special)
     for name in next_state_columns:
-        require(name, "next_state_columns")
+        table.require(name, "next_state_columns")
     if state_columns is None:
         state_columns = by_prefix(state_prefix, [*special, *next_state_columns])
         if not state_columns:
@@ -602,15 +714,31 @@ def from_long_format(
             raise ValueError(f"action_columns: no column starts with {action_prefix!r}; pass "
                              f"action_columns=[...] or action_prefix=...; columns are {names}")
     for name in state_columns:
-        require(name, "state_columns")
+        table.require(name, "state_columns")
     for name in action_columns:
-        require(name, "action_columns")
+        table.require(name, "action_columns")
     if next_state_columns and len(next_state_columns) != len(state_columns):
         raise ValueError(f"next_state_columns: {len(next_state_columns)} columns "
                          f"{list(next_state_columns)} for {len(state_columns)} state columns "
                          f"{list(state_columns)}")
+    present = lambda name: name if name is not None and name in table.columns else None
+    return _ColumnRoles(agent=agent_column, time=time_column, state=state_columns,
+                        action=action_columns, next_state=next_state_columns,
+                        reward=present(reward_column), done=present(done_column))
 
-    raw_ids = np.asarray(columns[agent_column])
+
+def _agent_indices(table: _LongTable, agent_column: str,
+                   map_agent_ids: bool) -> tuple[np.ndarray, np.ndarray, tuple | None]:
+    """Reads the agent id column and turns it into agent indices.
+
+    Returns:
+      (raw_ids, ids, agent_keys): the (R,) ids as read (integers when every id
+      is one), the (R,) agent indices (the ids themselves, or with
+      `map_agent_ids` their rank among the distinct ids), and the original id
+      of each agent 0..N-1 (None without `map_agent_ids`).
+    """
+    where = table.where
+    raw_ids = np.asarray(table.columns[agent_column])
     if raw_ids.dtype.kind in "OSU":
         missing = [i for i, v in enumerate(raw_ids) if v is None or not str(v).strip()]
         if missing:
@@ -626,7 +754,7 @@ def from_long_format(
                 f"be integers 0..N-1, or pass map_agent_ids=True to map arbitrary ids to "
                 f"0..N-1")
     elif not map_agent_ids:
-        values = numeric(agent_column)
+        values = table.numeric(agent_column)
         bad = np.flatnonzero(values != np.round(values))
         if bad.size:
             raise ValueError(f"column {agent_column!r}: {where(bad[0])} has id {values[bad[0]]!r}; "
@@ -637,80 +765,133 @@ def from_long_format(
         agent_keys = tuple(k.item() if hasattr(k, "item") else k for k in keys)
         logger.info("mapped %d agent ids to 0..%d: %s", len(keys), len(keys) - 1,
                     _preview(agent_keys))
-    else:
-        ids, agent_keys = raw_ids, None
-        bad = np.flatnonzero(ids < 0)
-        if bad.size:
-            raise ValueError(f"column {agent_column!r}: {where(bad[0])} has id {ids[bad[0]]}; ids "
-                             f"must be 0..N-1, or pass map_agent_ids=True")
+        return raw_ids, ids, agent_keys
+    bad = np.flatnonzero(raw_ids < 0)
+    if bad.size:
+        raise ValueError(f"column {agent_column!r}: {where(bad[0])} has id {raw_ids[bad[0]]}; ids "
+                         f"must be 0..N-1, or pass map_agent_ids=True")
+    return raw_ids, raw_ids, None
 
+
+def _sort_by_agent_and_time(table: _LongTable, time_column: str | None, ids: np.ndarray,
+                            raw_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Orders the R rows by agent, then time (file order without a time column).
+
+    Returns:
+      (order, same_agent): (R,) row indices in that order, and (R-1,) bool,
+      whether sorted rows i and i+1 belong to the same agent.
+    """
     if time_column is not None:
-        require(time_column, "time_column (pass time_column=None if rows are in time order)")
-        time = numeric(time_column)
+        table.require(time_column, "time_column (pass time_column=None if rows are in time order)")
+        time = table.numeric(time_column)
     else:
-        time = np.arange(num_rows, dtype=np.float64)
+        time = np.arange(table.num_rows, dtype=np.float64)
     # Stable sort: by agent, then time; a duplicated time step is ambiguous.
     order = np.lexsort((time, ids))
     same_agent = ids[order][1:] == ids[order][:-1]
     duplicated = np.flatnonzero(same_agent & (time[order][1:] == time[order][:-1]))
     if time_column is not None and duplicated.size:
         a, b = order[duplicated[0]], order[duplicated[0] + 1]
-        raise ValueError(f"column {time_column!r}: {where(a)} and {where(b)} both give agent "
-                         f"{raw_ids[a]!r} time step {time[a]:g}")
+        raise ValueError(f"column {time_column!r}: {table.where(a)} and {table.where(b)} both "
+                         f"give agent {raw_ids[a]!r} time step {time[a]:g}")
+    return order, same_agent
 
-    state = np.stack([numeric(n) for n in state_columns], axis=1)
-    action_values = np.stack([numeric(n) for n in action_columns], axis=1)
+
+def _parse_actions(table: _LongTable, action_columns: Sequence[str],
+                   discrete_actions: bool | None,
+                   num_actions: int | None) -> tuple[np.ndarray, bool]:
+    """Reads the action columns.
+
+    Returns:
+      (action, discrete): (R,) int64 discrete actions or (R, A) float32
+      continuous ones, and whether they are discrete (inferred when
+      `discrete_actions` is None: one column of integer values).
+    """
+    action_values = np.stack([table.numeric(n) for n in action_columns], axis=1)
     if discrete_actions is None:
         discrete_actions = (len(action_columns) == 1
                             and bool(np.all(action_values == np.round(action_values))))
-    if discrete_actions:
-        if len(action_columns) != 1:
-            raise ValueError(f"action_columns: discrete actions need one column; got "
-                             f"{list(action_columns)}")
-        column = action_values[:, 0]
-        bad = np.flatnonzero(column != np.round(column))
+    if not discrete_actions:
+        return action_values.astype(np.float32), discrete_actions
+    if len(action_columns) != 1:
+        raise ValueError(f"action_columns: discrete actions need one column; got "
+                         f"{list(action_columns)}")
+    column = action_values[:, 0]
+    bad = np.flatnonzero(column != np.round(column))
+    if bad.size:
+        raise ValueError(f"column {action_columns[0]!r}: {table.where(bad[0])} has "
+                         f"{column[bad[0]]!r}, not an integer action")
+    if num_actions is not None:
+        bad = np.flatnonzero((column < 0) | (column >= num_actions))
         if bad.size:
-            raise ValueError(f"column {action_columns[0]!r}: {where(bad[0])} has "
-                             f"{column[bad[0]]!r}, not an integer action")
-        if num_actions is not None:
-            bad = np.flatnonzero((column < 0) | (column >= num_actions))
-            if bad.size:
-                raise ValueError(f"column {action_columns[0]!r}: {where(bad[0])} has action "
-                                 f"{column[bad[0]]:g}, outside 0..{num_actions - 1}")
-        action = column.astype(np.int64)
-    else:
-        action = action_values.astype(np.float32)
-    reward = (numeric(reward_column) if reward_column is not None and reward_column in columns
-              else np.zeros(num_rows))
-    done = (_flags(columns[done_column], done_column, where)
-            if done_column is not None and done_column in columns else np.zeros(num_rows, bool))
+            raise ValueError(f"column {action_columns[0]!r}: {table.where(bad[0])} has action "
+                             f"{column[bad[0]]:g}, outside 0..{num_actions - 1}")
+    return column.astype(np.int64), discrete_actions
 
+
+def _parse_flags(table: _LongTable, name: str) -> np.ndarray:
+    """(R,) bool values of a 0/1 flag column (also true/false, t/f, yes/no; blank is
+    False); a ValueError names the row (file line) of any other value."""
+    values = table.columns[name]
+    out = np.empty(len(values), bool)
+    for i, value in enumerate(values):
+        text = str(value).strip().lower()
+        if text in ("1", "1.0", "true", "t", "yes"):
+            out[i] = True
+        elif text in ("0", "0.0", "false", "f", "no", ""):
+            out[i] = False
+        else:
+            raise ValueError(f"column {name!r}: {table.where(i)} has {value!r}, not a 0/1 flag")
+    return out
+
+
+def _pair_successors(table: _LongTable, next_state_columns: Sequence[str], state: np.ndarray,
+                     done: np.ndarray, order: np.ndarray,
+                     same_agent: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Finds each transition's next state.
+
+    With next-state columns every row is a transition. Otherwise a row's next
+    state is the state of the same agent's next row (in `order`); an agent's
+    last row has no logged successor and is dropped, and so is a done row,
+    whose next row is a reset.
+
+    Args:
+      state: (R, D) states of all rows.
+      done: (R,) done flags of all rows.
+      order: (R,) rows sorted by agent, then time.
+      same_agent: (R-1,) whether sorted rows i and i+1 belong to the same agent.
+
+    Returns:
+      (rows, next_state): (T,) the table rows that are transitions, in agent
+      and time order, and their (T, D) next states.
+    """
     if next_state_columns:
-        rows, next_rows = order, None
-        next_state = np.stack([numeric(n) for n in next_state_columns], axis=1)[rows]
-    else:
-        # Pair each row with the same agent's next row; drop rows whose outcome
-        # was not logged (last row of an agent, or a done row followed by a reset).
-        pair = same_agent & ~done[order][:-1]
-        rows, next_rows = order[:-1][pair], order[1:][pair]
-        next_state = state[next_rows]
-    num_agents = int(ids.max()) + 1 if agent_keys is None else len(agent_keys)
+        next_state = np.stack([table.numeric(n) for n in next_state_columns], axis=1)
+        return order, next_state[order]
+    pair = same_agent & ~done[order][:-1]
+    rows, next_rows = order[:-1][pair], order[1:][pair]
+    return rows, state[next_rows]
+
+
+def _check_every_agent_has_a_transition(table: _LongTable, agent_column: str, ids: np.ndarray,
+                                        rows: np.ndarray, num_agents: int,
+                                        agent_keys: tuple | None) -> None:
+    """Rejects an agent index in 0..num_agents-1 that none of the (T,) transition
+    `rows` belongs to, saying whether it has no rows at all (a gap in the ids) or
+    rows but no logged successor. `ids`: (R,) agent index of every table row."""
     present = np.bincount(ids[rows], minlength=num_agents)
     empty = np.flatnonzero(present == 0)
-    if empty.size:
-        agent = int(empty[0])
-        label = agent if agent_keys is None else agent_keys[agent]
-        rows_of_agent = np.flatnonzero(ids == agent)
-        why = ("it has no rows; ids must be 0..N-1 without gaps, or pass map_agent_ids=True"
-               if rows_of_agent.size == 0 else
-               f"it has {rows_of_agent.size} row(s) (first: {where(rows_of_agent[0])}) and none "
-               f"with a logged successor; a transition needs a row and the agent's next row "
-               f"(or next-state columns)")
-        raise ValueError(f"column {agent_column!r}: agent {label!r} has no transitions: {why}")
-    return make_transitions(
-        state[rows], action[rows], next_state, ids[rows], reward=reward[rows], done=done[rows],
-        num_agents=num_agents, num_actions=num_actions if discrete_actions else None,
-        covariates=covariates, agent_keys=agent_keys)
+    if not empty.size:
+        return
+    agent = int(empty[0])
+    label = agent if agent_keys is None else agent_keys[agent]
+    rows_of_agent = np.flatnonzero(ids == agent)
+    why = ("it has no rows; ids must be 0..N-1 without gaps, or pass map_agent_ids=True"
+           if rows_of_agent.size == 0 else
+           f"it has {rows_of_agent.size} row(s) (first: {table.where(rows_of_agent[0])}) and none "
+           f"with a logged successor; a transition needs a row and the agent's next row "
+           f"(or next-state columns)")
+    raise ValueError(f"column {agent_column!r}: agent {label!r} has no transitions: {why}")
 
 
 def save_csv(path: str | os.PathLike, transitions: Transitions) -> None:
@@ -769,19 +950,6 @@ def _check_finite(name: str, array: np.ndarray) -> None:
         where = f"row {row}" + (f", column {bad[0][1]}" if array.ndim > 1 else "")
         raise ValueError(f"{name}: {where} is {array[tuple(bad[0])]} (NaN or inf); all values "
                          f"must be finite")
-
-
-def _flags(values, name: str, where: Callable[[int], str]) -> np.ndarray:
-    out = np.empty(len(values), bool)
-    for i, value in enumerate(values):
-        text = str(value).strip().lower()
-        if text in ("1", "1.0", "true", "t", "yes"):
-            out[i] = True
-        elif text in ("0", "0.0", "false", "f", "no", ""):
-            out[i] = False
-        else:
-            raise ValueError(f"column {name!r}: {where(i)} has {value!r}, not a 0/1 flag")
-    return out
 
 
 def _is_int(text: str) -> bool:
