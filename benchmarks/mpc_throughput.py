@@ -53,6 +53,7 @@ from jax.sharding import Mesh, PartitionSpec
 
 import envs
 from benchmarks.common import best_time, emit, machine
+from experiments import paper
 from persim_jax import model, planning
 
 SETTINGS = ("cartpole", "mountaincar", "halfcheetah")
@@ -105,7 +106,7 @@ def reference_matmuls():
 def paper_simulator(name: str, env) -> model.Simulator:
     """M = 5 members of the paper's size for `env`, PyTorch-default random
     parameters, non-trivial standardisation statistics."""
-    sizes = model.paper_sizes(name)
+    sizes = paper.model_sizes(name)
     if env.discrete_actions:
         config = model.ModelConfig(num_agents=NUM_AGENTS, obs_dim=env.obs_dim,
                                    num_actions=env.num_actions, **sizes)
@@ -145,7 +146,7 @@ def measure(name: str, num_plans: int, repeats: int, matmul_rate: float | None,
             chunk: int = 0) -> dict:
     env = envs.make(name)
     simulator = paper_simulator(name, env)
-    planner = planning.paper_planner(env)
+    planner = paper.planner(env)
     config = planner.config
     discrete = env.discrete_actions
     candidates = config.num_candidates if discrete else config.num_samples

@@ -21,6 +21,7 @@ import optax
 from absl import app, flags
 
 from benchmarks.common import best_time, emit, machine
+from experiments import paper
 from persim_jax import model, train
 
 # CartPole-like: D = 4, 2 discrete actions; HalfCheetah-like: D = 18, A = 6.
@@ -56,7 +57,7 @@ def synthetic_batch(key, num_rows, config: model.ModelConfig) -> train.Batch:
 
 def measure(name: str, num_agents: int, ensemble_size: int, batch_size: int, num_batches: int,
             repeats: int) -> dict:
-    config = model.ModelConfig(num_agents=num_agents, **SETTINGS[name], **model.paper_sizes(name))
+    config = model.ModelConfig(num_agents=num_agents, **SETTINGS[name], **paper.model_sizes(name))
     num_train = num_batches * batch_size
     num_validation = num_train // 4
     key = jax.random.PRNGKey(0)

@@ -24,7 +24,7 @@ class HeterogeneousEnv(environment.Environment, abc.ABC):
     """A gymnax environment whose physics is set by per-agent covariates.
 
     Subclasses set `agents`, `max_episode_steps`, `obs_dim`, and implement
-    `covariates_to_params`, `reward` and `terminated`.
+    `_params_from_covariates`, `reward`, `terminated` and `state_from_obs`.
     """
 
     agents: AgentSpec
@@ -99,6 +99,19 @@ class HeterogeneousEnv(environment.Environment, abc.ABC):
     @abc.abstractmethod
     def terminated(self, next_obs: jax.Array) -> jax.Array:
         """Whether next_obs (D,) ends the episode (not counting the time cap)."""
+
+    # -- planning on the true dynamics ----------------------------------------
+
+    @abc.abstractmethod
+    def state_from_obs(self, obs: jax.Array, params: Any = None) -> Any:
+        """The env state whose observation is obs (D,), for planning rollouts.
+
+        The state is at time 0, so the episode cap never fires inside a
+        rollout. `params` are one agent's physics (leaves of shape ()), or None
+        for the default agent; envs whose state is the observation ignore them.
+        Exact when the observation holds the whole state; otherwise each env
+        documents what it sets (`planning.env_dynamics` steps from it).
+        """
 
     # -- gymnax API -----------------------------------------------------------
 

@@ -62,6 +62,14 @@ class CartPole(HeterogeneousEnv, cartpole.CartPole):
         x, theta = next_obs[..., 0], next_obs[..., 2]
         return jnp.logical_or(jnp.abs(x) > X_THRESHOLD, jnp.abs(theta) > THETA_THRESHOLD)
 
+    def state_from_obs(self, obs, params=None):
+        """The state (x, x_dot, theta, theta_dot) is the observation: exact;
+        time 0."""
+        del params
+        obs = jnp.asarray(obs)
+        return EnvState(x=obs[0], x_dot=obs[1], theta=obs[2], theta_dot=obs[3],
+                        time=jnp.zeros((), jnp.int32))
+
     @property
     def name(self) -> str:
         return "cartpole"

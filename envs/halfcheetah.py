@@ -260,6 +260,27 @@ class HalfCheetah(HeterogeneousEnv):
         del state, params
         return jnp.array(False)
 
+    def state_from_obs(self, obs, params=None):
+        """The state whose observation is obs (18,), for planning rollouts.
+
+        Approximate, as the observation does not contain everything: qpos[0]
+        (torso x, which no force or observation depends on) is set to 0,
+        qpos[1:] = obs[1:9], qvel = obs[9:18], the finite-difference
+        x-velocity = obs[0], time 0, and MuJoCo's solver warm start
+        (`qacc_warmstart`) and all derived quantities are reset (recomputed by
+        the step's forward pass), so a planned step can differ from the real
+        one by the constraint solver's tolerance. `params`: the agent's
+        `EnvParams` (leaves of shape ()), or None for the default agent.
+        """
+        obs = jnp.asarray(obs)
+        model = self.model_for(params) if params is not None else self.mjx_model
+        data = mjx.make_data(model)
+        dtype = data.qpos.dtype
+        obs = obs.astype(dtype)
+        data = data.replace(qpos=jnp.concatenate([jnp.zeros((1,), dtype), obs[1:9]]),
+                            qvel=obs[9:18])
+        return EnvState(data=data, x_velocity=obs[0], time=jnp.zeros((), jnp.int32))
+
     # -- known reward and termination -----------------------------------------
 
     def reward(self, obs, action, next_obs):

@@ -56,6 +56,12 @@ class MountainCar(HeterogeneousEnv, mountain_car.MountainCar):
     def terminated(self, next_obs):
         return jnp.logical_and(next_obs[..., 0] >= GOAL_POSITION, next_obs[..., 1] >= GOAL_VELOCITY)
 
+    def state_from_obs(self, obs, params=None):
+        """The state (position, velocity) is the observation: exact; time 0."""
+        del params
+        obs = jnp.asarray(obs)
+        return EnvState(position=obs[0], velocity=obs[1], time=jnp.zeros((), jnp.int32))
+
     @property
     def name(self) -> str:
         return "mountaincar"

@@ -14,15 +14,16 @@ from persim_jax.data import (
     save_npz,
     validate_transitions,
 )
-from persim_jax.model import ModelConfig, NormStats, Simulator, paper_sizes
+from persim_jax.model import ModelConfig, NormStats, Simulator
 from persim_jax.runtime import available_cores, use_cpu_cores
-from persim_jax.train import EpochMetrics, fit, validation_split
+from persim_jax.train import EpochMetrics, TrainConfig, fit, validation_split
 
 __all__ = [
     "EpochMetrics",
     "ModelConfig",
     "NormStats",
     "Simulator",
+    "TrainConfig",
     "Transitions",
     "available_cores",
     "fit",
@@ -32,7 +33,6 @@ __all__ = [
     "load_npz",
     "load_parquet",
     "make_transitions",
-    "paper_sizes",
     "save_csv",
     "save_npz",
     "validate_transitions",

@@ -46,14 +46,6 @@ Params = Any
 # dimension (std 0) is then centred but not blown up.
 STD_EPS = 1e-6
 
-# The paper's sizes (appendix D.1): rank chosen by validation, state encoder
-# hidden layers, action encoder hidden layers (continuous actions only).
-PAPER_SIZES = {
-    "mountaincar": dict(rank=3, state_hidden=(256,), action_hidden=()),
-    "cartpole": dict(rank=5, state_hidden=(256,), action_hidden=()),
-    "halfcheetah": dict(rank=20, state_hidden=(256, 512, 512), action_hidden=(256, 256)),
-}
-
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
@@ -106,15 +98,6 @@ class ModelConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
-
-
-def paper_sizes(env_name: str) -> dict[str, Any]:
-    """The paper's rank and hidden sizes for `env_name` (appendix D.1), as
-    keyword arguments for `ModelConfig` or `train.fit`."""
-    try:
-        return dict(PAPER_SIZES[env_name.lower()])
-    except KeyError:
-        raise ValueError(f"env_name: unknown {env_name!r}; known: {sorted(PAPER_SIZES)}") from None
 
 
 # ---------------------------------------------------------------------------
@@ -173,6 +156,14 @@ class MLP(nn.Module):
         for i, size in enumerate(self.hidden):
             x = nn.relu(Linear(size, name=f"hidden_{i}")(x))
         return Linear(self.features, name="output")(x)
+
+
+def mlp_layers(tree: Params) -> list:
+    """The layers of an `MLP`'s parameters `tree`, input to output: the
+    {"kernel", "bias"} dicts of hidden_0, hidden_1, ..., then output (a new
+    list)."""
+    names = sorted((k for k in tree if k.startswith("hidden_")), key=lambda k: int(k[7:]))
+    return [tree[k] for k in names] + [tree["output"]]
 
 
 class PerSimNet(nn.Module):
@@ -333,6 +324,107 @@ def predict_next_obs(params: Params, stats: NormStats, config: ModelConfig,
     delta_z = apply(params, config, agent_id, stats.normalize_obs(obs),
                     stats.action_input(action, config.discrete))
     return obs + stats.denormalize_delta(delta_z)
+
+
+# ---------------------------------------------------------------------------
+# The forward pass folded for planning
+
+
+def _fold_input(layer, shift, scale):
+    """Folds x_z = (x − shift) / scale into the layer y = x_z W + b."""
+    kernel = layer["kernel"] / scale[:, None]
+    bias = layer["bias"] - (shift / scale) @ layer["kernel"]
+    return {"kernel": kernel, "bias": bias}
+
+
+def fold_member(params: Params, stats: NormStats, config: ModelConfig, agent_id) -> dict:
+    """One network for one agent, rewritten for planning (`folded_next_obs`).
+
+    Everything that does not depend on the state or the candidate is done
+    here once: the agent factor u(n); the input standardisation (folded into
+    the first layer); the output de-standardisation and u(n) (folded into the
+    output layer). For discrete actions the action factor w(a) takes
+    num_actions values, so the output layer and the rank contraction become
+    one (hidden, num_actions · D) matrix and the prediction a column pick.
+
+    Args:
+      params: one network's parameters (no ensemble axis).
+      stats: the standardisation statistics.
+      config: the network's config.
+      agent_id: () int, the agent's index.
+
+    Returns:
+      {"state": layers} (discrete) or {"state": layers, "action": layers,
+      "delta_mean": (D,)} (continuous), layers as listed by `mlp_layers`.
+    """
+    rank, dim = config.rank, config.obs_dim
+    agent = params["agent_encoder"]
+    u = jnp.take(agent["kernel"], agent_id, axis=0) + agent["bias"]            # (r,)
+    layers = mlp_layers(params["state_encoder"])
+    layers[0] = _fold_input(layers[0], stats.obs_mean, stats.obs_std)
+    out_kernel = layers[-1]["kernel"].reshape(-1, dim, rank)                    # (h, D, r)
+    out_bias = layers[-1]["bias"].reshape(dim, rank)
+    scale = stats.delta_std
+    if config.discrete:
+        w = params["action_encoder"]["kernel"] + params["action_encoder"]["bias"]  # (nA, r)
+        c = u * w
+        kernel = jnp.einsum("hdr,ar->had", out_kernel, c) * scale               # (h, nA, D)
+        bias = jnp.einsum("dr,ar->ad", out_bias, c) * scale + stats.delta_mean  # (nA, D)
+        layers[-1] = {"kernel": kernel.reshape(kernel.shape[0], -1), "bias": bias.reshape(-1)}
+        return {"state": layers}
+    kernel = out_kernel * (u * scale[:, None])                                  # (h, D, r)
+    bias = out_bias * (u * scale[:, None])
+    layers[-1] = {"kernel": kernel.reshape(kernel.shape[0], -1), "bias": bias.reshape(-1)}
+    action_layers = mlp_layers(params["action_encoder"])
+    action_layers[0] = _fold_input(action_layers[0], stats.action_mean, stats.action_std)
+    return {"state": layers, "action": action_layers, "delta_mean": stats.delta_mean}
+
+
+# A first layer with at most this many inputs (e.g. a 2- or 4-dimensional state) is
+# computed as a sum of broadcast products, which XLA fuses with the bias and
+# ReLU into one loop; as a matmul it would run far below the matmul rate.
+SMALL_FAN_IN = 8
+
+
+def _folded_dense(layer, x):
+    kernel, bias = layer["kernel"], layer["bias"]
+    if kernel.shape[0] <= SMALL_FAN_IN:
+        out = bias
+        for i in range(kernel.shape[0]):
+            out = out + x[..., i:i + 1] * kernel[i]
+        return out
+    return x @ kernel + bias
+
+
+def _folded_mlp(layers, x):
+    for layer in layers[:-1]:
+        x = jax.nn.relu(_folded_dense(layer, x))
+    return _folded_dense(layers[-1], x)
+
+
+def folded_next_obs(folded: dict, config: ModelConfig, obs, action) -> jax.Array:
+    """Next states in raw units of one network folded by `fold_member`.
+
+    Equal (to float32 rounding) to `predict_next_obs` for the folded agent.
+
+    Args:
+      folded: `fold_member`'s output.
+      config: the network's config.
+      obs: (B, D) raw states.
+      action: (B,) int or (B, A) float raw actions.
+
+    Returns:
+      (B, D) next states.
+    """
+    dim = config.obs_dim
+    out = _folded_mlp(folded["state"], obs)
+    if config.discrete:
+        out = out.reshape(*out.shape[:-1], config.num_actions, dim)
+        delta = jnp.take_along_axis(out, action[..., None, None].astype(jnp.int32), axis=-2)
+        return obs + delta[..., 0, :]
+    v = out.reshape(*out.shape[:-1], dim, config.rank)
+    w = _folded_mlp(folded["action"], action)
+    return obs + jnp.einsum("...dr,...r->...d", v, w) + folded["delta_mean"]
 
 
 def count_params(params: Params) -> int:

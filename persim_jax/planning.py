@@ -7,6 +7,10 @@ of two pure functions,
     state = planner.init()                                   # warm start, empty
     action, state = planner.plan(key, state, obs, dynamics)  # one MPC step
 
+(`make_planner(planner_config(env, **fields), env)` builds the planner that
+fits the env's actions; the paper's settings per env are
+`experiments.paper.planner(env)`.)
+
 * Random shooting (discrete actions): uniform candidate sequences, candidate 0
   is the previous best plan shifted by one step; play the first action of the
   best candidate.
@@ -29,7 +33,7 @@ the pessimistic (min over members) score of the paper needs.
 Scores (`member_returns`, `score_sequences`): for candidate sequence a_0..a_{H-1}
 and member m, ŝ_0 = s, ŝ_{t+1} = f_m(ŝ_t, a_t), and
 
-    J_m = Σ_t γ^t R(ŝ_t, a_t, ŝ_{t+1}) · alive_t  (+ MountainCar shaping)
+    J_m = Σ_t γ^t R(ŝ_t, a_t, ŝ_{t+1}) · alive_t  (+ position shaping)
     J   = min_m J_m   (default, paper)   or   mean_m J_m   (authors' code)
 
 where alive_t is 0 from the first predicted termination on: the transition that
@@ -42,6 +46,7 @@ is always finite.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any, Callable, NamedTuple
 
@@ -49,6 +54,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, PartitionSpec
+
+from persim_jax import model
 
 Array = jax.Array
 Dynamics = Callable[[Array, Array], Array]
@@ -62,14 +69,11 @@ PROPAGATIONS = ("members", "ensemble_mean")
 # with M = 5 members and 256-wide layers one chunk's activations (~1.3 MB) stay
 # in the core's cache for the whole step. With one device per core
 # (`persim_jax.use_cpu_cores`, 2 cores) each device's 500 of random shooting's
-# 1000 candidates run as 2 chunks of 250: CartPole's rollouts take 3.5 ms, against
+# 1000 candidates run as 2 chunks of 250: the rollouts of the paper's 4-state,
+# 2-action model (benchmarks/mpc_throughput.py) take 3.5 ms, against
 # 4.7 ms for 500 at once and 3.6 ms for 4 chunks of 125. CEM's 200 samples stay
 # one batch (smaller matmuls would be slower there).
 CPU_ROLLOUT_CHUNK = 256
-
-# MountainCar's planning objective adds 0.01 · max predicted position per step
-# (the authors' shaping bonus; see DESIGN.md).
-MOUNTAINCAR_POSITION_BONUS = 0.01
 
 # Mesh axis of `shard_candidates`.
 CANDIDATE_AXIS = "candidates"
@@ -111,15 +115,16 @@ class RandomShootingConfig:
       num_actions: number of discrete actions; candidates are uniform on
         {0, ..., num_actions - 1} at every step.
       num_candidates: candidate sequences per plan (1000).
-      horizon: steps per sequence (30 CartPole, 50 MountainCar).
+      horizon: steps per sequence.
       discount: γ of the score (paper 0.93; the authors' final code 1.0).
       aggregation: "min" over ensemble members (paper) or "mean" (authors'
         final code).
       propagation: "members" (each member rolls out its own states) or
         "ensemble_mean" (every member is fed the ensemble-mean state, as the
-        authors' HalfCheetah CEM).
+        authors' CEM for continuous actions).
       position_bonus: weight of the shaping bonus max_τ ŝ_τ[position_index]
-        added at every step (MountainCar: 0.01; 0 turns it off).
+        added at every step (0 turns it off; the paper's per-env values are
+        in `experiments.paper`).
       position_index: which state coordinate the bonus maximises.
       warm_start: replace candidate 0 by the previous best plan shifted.
       rollout_chunk: candidates rolled out at once (`lax.map` over chunks
@@ -231,6 +236,26 @@ def shared_prefix_depth(num_actions: int | None, num_sequences: int, horizon: in
     return depth
 
 
+class ReturnAccumulator(NamedTuple):
+    """What `member_returns` carries per member and candidate, (M, B) each.
+
+    The discount weight γ^t is carried beside it: it is the same for every
+    candidate, so it is not split with them into chunks and shards.
+
+    Attributes:
+      alive: bool, no termination predicted yet.
+      finite: bool, every state predicted while alive was finite.
+      total: float32, the discounted return so far.
+      best: float32, max_τ ŝ_τ[position_index] so far (the shaping bonus;
+        left at ŝ_0's when there is no bonus).
+    """
+
+    alive: Array
+    finite: Array
+    total: Array
+    best: Array
+
+
 def member_returns(
     dynamics: Dynamics,
     reward_fn: RewardFn,
@@ -264,7 +289,7 @@ def member_returns(
         candidates start from ŝ_0, so their first L steps
         (`shared_prefix_depth`) take only num_actions + num_actions² + ... +
         num_actions^L distinct transitions: those are computed once each, on
-        the tree of action prefixes, instead of L · B times (CartPole
+        the tree of action prefixes, instead of L · B times (2 actions,
         1000 × 30: 1022 instead of 9000 transitions). Same result.
       rollout_chunk: roll the remaining steps out for this many candidates at
         a time (None: all; "auto": see `RandomShootingConfig`).
@@ -278,118 +303,175 @@ def member_returns(
     obs = jnp.asarray(obs, jnp.float32)
     actions = jnp.asarray(actions)
     num_sequences, horizon = actions.shape[:2]
-    dim = obs.shape[-1]
     steps = jnp.swapaxes(actions, 0, 1)                                  # (H, B, ...)
     depth = shared_prefix_depth(num_actions, num_sequences, horizon)
+    feed = functools.partial(_feed, propagation=propagation)
+    accumulate = functools.partial(
+        _accumulate, reward_fn=reward_fn, terminated_fn=terminated_fn, discount=discount,
+        position_bonus=position_bonus, position_index=position_index)
 
-    def feed(predicted):
-        """The states the next step starts from: each member's own, or the
-        ensemble mean for every member."""
-        if propagation == "members":
-            return predicted
-        return jnp.broadcast_to(jnp.mean(predicted, axis=0), predicted.shape)
+    prefix, depth = _prefix_transitions(dynamics, feed, obs, steps, num_actions, depth)
+    shape = prefix[2].shape[1:3]                                         # (M, B)
+    first_state = jnp.broadcast_to(obs, (*shape, obs.shape[-1]))
+    start = ReturnAccumulator(jnp.ones(shape, bool), jnp.ones(shape, bool),
+                              jnp.zeros(shape, jnp.float32),
+                              jnp.broadcast_to(first_state[..., position_index], shape))
+    (accumulated, weight), _ = jax.lax.scan(lambda c, x: (accumulate(c, x), None),
+                                            (start, jnp.float32(1.0)), prefix)
 
-    def accumulate(carry, transition):
-        """Adds one step of every member; (M, B[, D]) shapes."""
-        alive, finite, total, best, weight = carry
-        state, action, next_state = transition
-        action_m = jnp.broadcast_to(action, (next_state.shape[0], *action.shape))
-        reward = reward_fn(state, action_m, next_state)
-        finite = finite & (jnp.all(jnp.isfinite(next_state), axis=-1) | ~alive)
-        ended = (terminated_fn(next_state) if terminated_fn is not None
-                 else jnp.zeros(next_state.shape[:-1], bool))
-        # The step that first reaches a terminal state is masked too (authors).
-        counted = alive & ~ended
-        total = total + weight * jnp.where(counted, reward, 0.0)
-        if position_bonus:
-            best = jnp.where(alive, jnp.maximum(best, next_state[..., position_index]), best)
-        return (counted, finite, total, best, weight * discount)
+    rollout = functools.partial(_rollout, dynamics, feed, accumulate)
+    rest = (feed(prefix[2][-1]), accumulated, steps[depth:])             # candidates on axis 1
+    finite, total, best = _rollout_candidates(rollout, rest, weight, rollout_chunk=rollout_chunk,
+                                              shard_candidates=shard_candidates)
+    if position_bonus:
+        total = total + position_bonus * horizon * best
+    ok = finite & jnp.isfinite(total)
+    return jnp.where(ok, total, -jnp.inf)
 
-    if depth:
-        # Level t holds the states after each of the num_actions^t prefixes;
-        # child i · nA + j of node i took action j. A Python loop: the levels
-        # differ in size (depth <= log_nA(B), about 10).
-        children = jnp.arange(num_actions, dtype=steps.dtype)
-        predicted = dynamics(jnp.broadcast_to(obs, (num_actions, dim)), children)
-        levels, inputs = [predicted], [jnp.broadcast_to(obs, (predicted.shape[0], 1, dim))]
-        for _ in range(1, depth):
-            fed = feed(levels[-1])
-            inputs.append(fed)
-            levels.append(dynamics(jnp.repeat(fed, num_actions, axis=1),
-                                   jnp.tile(children, fed.shape[1])))
-        num_members = predicted.shape[0]
-        # Each candidate's node at every level: its prefix read in base nA.
-        node = jnp.zeros((num_sequences,), jnp.int32)
-        fed_states, next_states = [], []
-        for t in range(depth):
-            fed_states.append(jnp.take(inputs[t], node, axis=1))
-            node = node * num_actions + steps[t].astype(jnp.int32)
-            next_states.append(jnp.take(levels[t], node, axis=1))
-        prefix = (jnp.stack(fed_states), steps[:depth], jnp.stack(next_states))
-        first_state = jnp.broadcast_to(obs, (num_members, num_sequences, dim))
-    else:
-        predicted = dynamics(jnp.broadcast_to(obs, (num_sequences, dim)), steps[0])
-        num_members = predicted.shape[0]
-        first_state = jnp.broadcast_to(obs, predicted.shape)
-        prefix = (first_state[None], steps[:1], predicted[None])
-        depth = 1
 
-    shape = (num_members, num_sequences)
-    carry = (jnp.ones(shape, bool), jnp.ones(shape, bool), jnp.zeros(shape, jnp.float32),
-             jnp.broadcast_to(first_state[..., position_index], shape), jnp.float32(1.0))
-    carry, _ = jax.lax.scan(lambda c, x: (accumulate(c, x), None), carry, prefix)
+def _feed(predicted: Array, propagation: str) -> Array:
+    """The states (M, B, D) the next step starts from: each member's own
+    prediction, or the ensemble mean for every member."""
+    if propagation == "members":
+        return predicted
+    return jnp.broadcast_to(jnp.mean(predicted, axis=0), predicted.shape)
+
+
+def _accumulate(carry, transition, *, reward_fn, terminated_fn, discount, position_bonus,
+                position_index):
+    """Adds one step of every member and candidate.
+
+    Args:
+      carry: (`ReturnAccumulator` (M, B), weight () γ^t of this step).
+      transition: state (M, B, D), action (B,) / (B, A), next_state (M, B, D).
+
+    Returns:
+      the next carry.
+    """
+    accumulated, weight = carry
+    alive, finite, total, best = accumulated
+    state, action, next_state = transition
+    action_m = jnp.broadcast_to(action, (next_state.shape[0], *action.shape))
+    reward = reward_fn(state, action_m, next_state)
+    finite = finite & (jnp.all(jnp.isfinite(next_state), axis=-1) | ~alive)
+    ended = (terminated_fn(next_state) if terminated_fn is not None
+             else jnp.zeros(next_state.shape[:-1], bool))
+    # The step that first reaches a terminal state is masked too (authors).
+    counted = alive & ~ended
+    total = total + weight * jnp.where(counted, reward, 0.0)
+    if position_bonus:
+        best = jnp.where(alive, jnp.maximum(best, next_state[..., position_index]), best)
+    return ReturnAccumulator(counted, finite, total, best), weight * discount
+
+
+def _rollout(dynamics: Dynamics, feed, accumulate, state: Array, accumulated: ReturnAccumulator,
+             weight: Array, actions: Array) -> ReturnAccumulator:
+    """The accumulator (M, b) after the remaining steps `actions` (H', b[, A])
+    of the b candidates in `state` (M, b, D), from `accumulated` (M, b) and
+    the weight () of the first of them."""
 
     def step(carry, action):
         state, accumulated = carry
         next_state = dynamics(state, action)
         return (feed(next_state), accumulate(accumulated, (state, action, next_state))), None
 
-    def rollout(state, accumulated, actions):
-        """The remaining steps of the candidates in `state` (M, b, D)."""
-        (_, accumulated), _ = jax.lax.scan(step, (state, accumulated), actions)
-        return accumulated[:4]
+    (_, (accumulated, _)), _ = jax.lax.scan(step, (state, (accumulated, weight)), actions)
+    return accumulated
 
-    weight = carry[4]
-    rest = (feed(prefix[2][-1]), *carry[:4], steps[depth:])        # candidates on axis 1
+
+def _prefix_transitions(dynamics: Dynamics, feed, obs: Array, steps: Array,
+                        num_actions: int | None, depth: int):
+    """The transitions of the candidates' first steps, computed once per
+    distinct action prefix.
+
+    Args:
+      dynamics: the dynamics contract of this module.
+      feed: `_feed` with the propagation.
+      obs: (D,) ŝ_0.
+      steps: (H, B) int or (H, B, A) float, the candidates' actions by step.
+      num_actions: the number of discrete actions, or None.
+      depth: `shared_prefix_depth` L.
+
+    Returns:
+      ((states (L', M, B, D), actions (L', B[, A]), next_states (L', M, B, D)),
+      L'), with L' = L, or 1 (every candidate's first step) when L is 0.
+    """
+    num_sequences, dim = steps.shape[1], obs.shape[-1]
+    if not depth:
+        predicted = dynamics(jnp.broadcast_to(obs, (num_sequences, dim)), steps[0])
+        first_state = jnp.broadcast_to(obs, predicted.shape)
+        return (first_state[None], steps[:1], predicted[None]), 1
+    # Level t holds the states after each of the num_actions^t prefixes;
+    # child i · nA + j of node i took action j. A Python loop: the levels
+    # differ in size (depth <= log_nA(B), about 10).
+    children = jnp.arange(num_actions, dtype=steps.dtype)
+    predicted = dynamics(jnp.broadcast_to(obs, (num_actions, dim)), children)
+    levels, inputs = [predicted], [jnp.broadcast_to(obs, (predicted.shape[0], 1, dim))]
+    for _ in range(1, depth):
+        fed = feed(levels[-1])
+        inputs.append(fed)
+        levels.append(dynamics(jnp.repeat(fed, num_actions, axis=1),
+                               jnp.tile(children, fed.shape[1])))
+    # Each candidate's node at every level: its prefix read in base nA.
+    node = jnp.zeros((num_sequences,), jnp.int32)
+    fed_states, next_states = [], []
+    for t in range(depth):
+        fed_states.append(jnp.take(inputs[t], node, axis=1))
+        node = node * num_actions + steps[t].astype(jnp.int32)
+        next_states.append(jnp.take(levels[t], node, axis=1))
+    return (jnp.stack(fed_states), steps[:depth], jnp.stack(next_states)), depth
+
+
+def _rollout_candidates(rollout_fn, rest, weight: Array, *, rollout_chunk: int | str | None,
+                        shard_candidates: bool):
+    """(finite, total, best) (M, B) after the remaining steps of all B candidates.
+
+    Args:
+      rollout_fn: `rollout_fn(state (M, b, D), accumulator (M, b), weight,
+        actions (H', b[, A])) -> accumulator (M, b)` for any b candidates.
+      rest: (state (M, B, D), `ReturnAccumulator` (M, B), actions (H', B[, A])),
+        the candidates on axis 1.
+      weight: () γ^t of the first remaining step.
+      rollout_chunk, shard_candidates: as in `member_returns`.
+    """
     if rollout_chunk == "auto":
         rollout_chunk = CPU_ROLLOUT_CHUNK if jax.default_backend() == "cpu" else None
-
-    def rollout_chunked(rest, weight):
-        """(finite, total, best) (M, b) of the b candidates in `rest`."""
-        count = rest[0].shape[1]
-        num_chunks = 1 if not rollout_chunk else math.ceil(count / rollout_chunk)
-        if num_chunks <= 1:
-            return rollout(rest[0], (*rest[1:5], weight), rest[5])[1:]
-        # Candidates in chunks, one after the other (lax.map): on a CPU one
-        # chunk's activations then stay in cache for the whole step.
-        size = math.ceil(count / num_chunks)
-        chunked = jax.lax.map(lambda x: rollout(x[0], (*x[1:5], weight), x[5]),
-                              tuple(_split_candidates(x, num_chunks, size) for x in rest))
-        return tuple(jnp.moveaxis(x, 0, 1).reshape(num_members, -1)[:, :count]
-                     for x in chunked[1:])
-
+    in_chunks = functools.partial(_rollout_in_chunks, rollout_fn, rollout_chunk=rollout_chunk)
     devices = _candidate_devices(shard_candidates)
     if devices is None:
-        finite, total, best = rollout_chunked(rest, weight)
-    else:
-        # One shard of the candidates per device, no communication until the
-        # scores come back (on a CPU with one device per core, each core
-        # rolls out its own candidates: see `persim_jax.use_cpu_cores`).
-        num_devices = len(devices)
-        size = math.ceil(num_sequences / num_devices)
-        shards = tuple(_split_candidates(x, num_devices, size) for x in rest)
-        mesh = Mesh(np.asarray(devices), (CANDIDATE_AXIS,))
-        spec = PartitionSpec(CANDIDATE_AXIS)
-        sharded = jax.shard_map(lambda r, w: tuple(x[None] for x in rollout_chunked(
-                                    tuple(x[0] for x in r), w)),
-                                mesh=mesh, in_specs=((spec,) * len(rest), PartitionSpec()),
-                                out_specs=(spec,) * 3, check_vma=False)
-        finite, total, best = (jnp.moveaxis(x, 0, 1).reshape(num_members, -1)[:, :num_sequences]
-                               for x in sharded(shards, weight))
-    if position_bonus:
-        total = total + position_bonus * horizon * best
-    ok = finite & jnp.isfinite(total)
-    return jnp.where(ok, total, -jnp.inf)
+        return in_chunks(rest, weight)
+    # One shard of the candidates per device, no communication until the
+    # scores come back (on a CPU with one device per core, each core
+    # rolls out its own candidates: see `persim_jax.use_cpu_cores`).
+    num_members, num_sequences = rest[0].shape[:2]
+    num_devices = len(devices)
+    size = math.ceil(num_sequences / num_devices)
+    shards = jax.tree.map(lambda x: _split_candidates(x, num_devices, size), rest)
+    mesh = Mesh(np.asarray(devices), (CANDIDATE_AXIS,))
+    spec = PartitionSpec(CANDIDATE_AXIS)
+    sharded = jax.shard_map(lambda r, w: tuple(x[None] for x in in_chunks(
+                                jax.tree.map(lambda x: x[0], r), w)),
+                            mesh=mesh, in_specs=(spec, PartitionSpec()),
+                            out_specs=(spec,) * 3, check_vma=False)
+    return tuple(jnp.moveaxis(x, 0, 1).reshape(num_members, -1)[:, :num_sequences]
+                 for x in sharded(shards, weight))
+
+
+def _rollout_in_chunks(rollout_fn, rest, weight: Array, *, rollout_chunk: int | None):
+    """(finite, total, best) (M, b) of the b candidates in `rest` (see
+    `_rollout_candidates`), `rollout_chunk` at a time (None: all at once)."""
+    num_members, count = rest[0].shape[:2]
+    num_chunks = 1 if not rollout_chunk else math.ceil(count / rollout_chunk)
+    if num_chunks <= 1:
+        accumulated = rollout_fn(rest[0], rest[1], weight, rest[2])
+        return accumulated.finite, accumulated.total, accumulated.best
+    # Candidates in chunks, one after the other (lax.map): on a CPU one
+    # chunk's activations then stay in cache for the whole step.
+    size = math.ceil(count / num_chunks)
+    chunks = jax.tree.map(lambda x: _split_candidates(x, num_chunks, size), rest)
+    chunked = jax.lax.map(lambda r: rollout_fn(r[0], r[1], weight, r[2]), chunks)
+    return tuple(jnp.moveaxis(x, 0, 1).reshape(num_members, -1)[:, :count]
+                 for x in (chunked.finite, chunked.total, chunked.best))
 
 
 def _split_candidates(x: Array, parts: int, size: int) -> Array:
@@ -561,119 +643,30 @@ def cem(config: CEMConfig, reward_fn: RewardFn,
     return Planner(init, plan, config)
 
 
-def paper_config(env, **overrides):
-    """The paper's planner config for `env` (DESIGN.md decisions table):
-    random shooting 1000 × 30 (CartPole) / 1000 × 50 with the position bonus
-    (MountainCar); CEM 200 × 30, 50 elites, 1 + 5 rounds (HalfCheetah).
-    Keyword arguments override fields (e.g. aggregation="mean", discount=1.0
-    for the authors' final code)."""
-    name = env.name
-    if name == "cartpole":
-        fields = dict(num_actions=env.num_actions, horizon=30)
-    elif name == "mountaincar":
-        fields = dict(num_actions=env.num_actions, horizon=50,
-                      position_bonus=MOUNTAINCAR_POSITION_BONUS, position_index=0)
-    elif env.discrete_actions:
-        fields = dict(num_actions=env.num_actions)
-    else:
-        fields = dict(action_dim=env.action_dim)
-    fields.update(overrides)
+def planner_config(env, **fields) -> RandomShootingConfig | CEMConfig:
+    """A planner config for `env`: a `RandomShootingConfig` with
+    num_actions=env.num_actions for discrete actions, a `CEMConfig` with
+    action_dim=env.action_dim for continuous ones (unless given); the other
+    fields as given, the dataclass defaults otherwise. The paper's fields per
+    env: `experiments.paper.planner_config(env)`."""
     if env.discrete_actions:
-        return RandomShootingConfig(**fields)
-    return CEMConfig(**fields)
+        return RandomShootingConfig(**{"num_actions": env.num_actions, **fields})
+    return CEMConfig(**{"action_dim": env.action_dim, **fields})
 
 
-def paper_planner(env, **overrides) -> Planner:
-    """The paper's planner for `env`, with the env's reward and termination:
-    `random_shooting` for discrete actions, `cem` for continuous; see
-    `paper_config`."""
-    config = paper_config(env, **overrides)
-    make = random_shooting if isinstance(config, RandomShootingConfig) else cem
-    return make(config, env.reward, env.terminated)
+def make_planner(config: RandomShootingConfig | CEMConfig, env) -> Planner:
+    """The planner of `config` with the env's known reward and termination:
+    `random_shooting` for a `RandomShootingConfig`, `cem` for a `CEMConfig`."""
+    if isinstance(config, RandomShootingConfig):
+        return random_shooting(config, env.reward, env.terminated)
+    if isinstance(config, CEMConfig):
+        return cem(config, env.reward, env.terminated)
+    raise ValueError(f"config: expected a RandomShootingConfig or a CEMConfig, got "
+                     f"{type(config).__name__}")
 
 
 # ---------------------------------------------------------------------------
 # Dynamics: a learned Simulator
-
-
-def _fold_input(layer, shift, scale):
-    """Folds x_z = (x − shift) / scale into the layer y = x_z W + b."""
-    kernel = layer["kernel"] / scale[:, None]
-    bias = layer["bias"] - (shift / scale) @ layer["kernel"]
-    return {"kernel": kernel, "bias": bias}
-
-
-def _mlp_layers(tree) -> list:
-    names = sorted((k for k in tree if k.startswith("hidden_")), key=lambda k: int(k[7:]))
-    return [tree[k] for k in names] + [tree["output"]]
-
-
-def _fold_member(params, stats, config, agent_id):
-    """One member's network for one agent, rewritten for planning.
-
-    Everything that does not depend on the state or the candidate is done
-    here once: the agent factor u(n); the input standardisation (folded into
-    the first layer); the output de-standardisation and u(n) (folded into the
-    output layer). For discrete actions the action factor w(a) takes
-    num_actions values, so the output layer and the rank contraction become
-    one (hidden, num_actions · D) matrix and the prediction a column pick.
-    """
-    rank, dim = config.rank, config.obs_dim
-    agent = params["agent_encoder"]
-    u = jnp.take(agent["kernel"], agent_id, axis=0) + agent["bias"]            # (r,)
-    layers = _mlp_layers(params["state_encoder"])
-    layers[0] = _fold_input(layers[0], stats.obs_mean, stats.obs_std)
-    out_kernel = layers[-1]["kernel"].reshape(-1, dim, rank)                    # (h, D, r)
-    out_bias = layers[-1]["bias"].reshape(dim, rank)
-    scale = stats.delta_std
-    if config.discrete:
-        w = params["action_encoder"]["kernel"] + params["action_encoder"]["bias"]  # (nA, r)
-        c = u * w
-        kernel = jnp.einsum("hdr,ar->had", out_kernel, c) * scale               # (h, nA, D)
-        bias = jnp.einsum("dr,ar->ad", out_bias, c) * scale + stats.delta_mean  # (nA, D)
-        layers[-1] = {"kernel": kernel.reshape(kernel.shape[0], -1), "bias": bias.reshape(-1)}
-        return {"state": layers}
-    kernel = out_kernel * (u * scale[:, None])                                  # (h, D, r)
-    bias = out_bias * (u * scale[:, None])
-    layers[-1] = {"kernel": kernel.reshape(kernel.shape[0], -1), "bias": bias.reshape(-1)}
-    action_layers = _mlp_layers(params["action_encoder"])
-    action_layers[0] = _fold_input(action_layers[0], stats.action_mean, stats.action_std)
-    return {"state": layers, "action": action_layers, "delta_mean": stats.delta_mean}
-
-
-# A first layer with at most this many inputs (CartPole 4, MountainCar 2) is
-# computed as a sum of broadcast products, which XLA fuses with the bias and
-# ReLU into one loop; as a matmul it would run far below the matmul rate.
-SMALL_FAN_IN = 8
-
-
-def _dense(layer, x):
-    kernel, bias = layer["kernel"], layer["bias"]
-    if kernel.shape[0] <= SMALL_FAN_IN:
-        out = bias
-        for i in range(kernel.shape[0]):
-            out = out + x[..., i:i + 1] * kernel[i]
-        return out
-    return x @ kernel + bias
-
-
-def _mlp(layers, x):
-    for layer in layers[:-1]:
-        x = jax.nn.relu(_dense(layer, x))
-    return _dense(layers[-1], x)
-
-
-def _member_next_obs(folded, config, obs, action):
-    """(B, D) next states of one folded member from (B, D) obs, (B,) / (B, A) actions."""
-    dim = config.obs_dim
-    out = _mlp(folded["state"], obs)
-    if config.discrete:
-        out = out.reshape(*out.shape[:-1], config.num_actions, dim)
-        delta = jnp.take_along_axis(out, action[..., None, None].astype(jnp.int32), axis=-2)
-        return obs + delta[..., 0, :]
-    v = out.reshape(*out.shape[:-1], dim, config.rank)
-    w = _mlp(folded["action"], action)
-    return obs + jnp.einsum("...dr,...r->...d", v, w) + folded["delta_mean"]
 
 
 def simulator_dynamics(simulator, agent_id) -> Dynamics:
@@ -681,7 +674,7 @@ def simulator_dynamics(simulator, agent_id) -> Dynamics:
 
     Equal (to float32 rounding) to `simulator.predict` / `predict_members`,
     with the work that does not depend on states or candidates hoisted out of
-    the rollout (see `_fold_member`). Jittable and vmappable over agent_id.
+    the rollout (see `model.fold_member`). Jittable and vmappable over agent_id.
 
     Args:
       simulator: a trained `persim_jax.Simulator` (M members).
@@ -691,12 +684,12 @@ def simulator_dynamics(simulator, agent_id) -> Dynamics:
       dynamics(obs (B, D) or (M, B, D), action (B,) / (B, A)) -> (M, B, D).
     """
     config = simulator.config
-    folded = jax.vmap(_fold_member, in_axes=(0, None, None, None))(
+    folded = jax.vmap(model.fold_member, in_axes=(0, None, None, None))(
         simulator.params, simulator.stats, config, jnp.asarray(agent_id, jnp.int32))
 
     def dynamics(obs, action):
         obs_axis = 0 if obs.ndim == 3 else None
-        return jax.vmap(_member_next_obs, in_axes=(0, None, obs_axis, None))(
+        return jax.vmap(model.folded_next_obs, in_axes=(0, None, obs_axis, None))(
             folded, config, obs, action)
 
     return dynamics
@@ -706,48 +699,14 @@ def simulator_dynamics(simulator, agent_id) -> Dynamics:
 # Dynamics: the true environment ("True env + MPC")
 
 
-def state_from_obs(env, obs: Array, params=None):
-    """The env state whose observation is obs (D,), for planning rollouts.
-
-    MountainCar and CartPole: exact (the state is the observation; time 0, so
-    the episode cap never fires inside a rollout). HalfCheetah: approximate,
-    as the observation does not contain everything: qpos[0] (torso x, which
-    no force or observation depends on) is set to 0, qpos[1:] = obs[1:9],
-    qvel = obs[9:18], the finite-difference x-velocity = obs[0], and MuJoCo's
-    solver warm start (`qacc_warmstart`) and all derived quantities are reset
-    (recomputed by the step's forward pass), so a planned step can differ
-    from the real one by the constraint solver's tolerance.
-    """
-    obs = jnp.asarray(obs)
-    if env.name == "mountaincar":
-        from envs.mountaincar import EnvState
-        return EnvState(position=obs[0], velocity=obs[1], time=jnp.zeros((), jnp.int32))
-    if env.name == "cartpole":
-        from envs.cartpole import EnvState
-        return EnvState(x=obs[0], x_dot=obs[1], theta=obs[2], theta_dot=obs[3],
-                        time=jnp.zeros((), jnp.int32))
-    if env.name == "halfcheetah":
-        from mujoco import mjx
-
-        from envs.halfcheetah import EnvState
-        model = env.model_for(params) if params is not None else env.mjx_model
-        data = mjx.make_data(model)
-        dtype = data.qpos.dtype
-        obs = obs.astype(dtype)
-        data = data.replace(qpos=jnp.concatenate([jnp.zeros((1,), dtype), obs[1:9]]),
-                            qvel=obs[9:18])
-        return EnvState(data=data, x_velocity=obs[0], time=jnp.zeros((), jnp.int32))
-    raise ValueError(f"env: no state reconstruction for {env.name!r}")
-
-
 def env_dynamics(env, params) -> Dynamics:
     """The true dynamics of one agent (M = 1), from `env.step_env`.
 
     Each next state is one `env.step_env` (vmapped over B) from the state
-    rebuilt by `state_from_obs` with the agent's physics `params` (leaves of
+    rebuilt by `env.state_from_obs` with the agent's physics `params` (leaves of
     shape ()). The episode cap and the env's own `done` are ignored: the
     planner applies `env.terminated` to the predicted states. The env's key
-    is fixed: the three environments are deterministic.
+    is fixed: the environments are deterministic.
 
     Returns:
       dynamics(obs (B, D) or (1, B, D), action (B,) / (B, A)) -> (1, B, D).
@@ -755,7 +714,7 @@ def env_dynamics(env, params) -> Dynamics:
     key = jax.random.PRNGKey(0)
 
     def one(obs, action):
-        state = state_from_obs(env, obs, params)
+        state = env.state_from_obs(obs, params)
         next_obs, _, _, _, _ = env.step_env(key, state, action, params)
         return next_obs.astype(jnp.float32)
 

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 import envs
+from experiments import paper
 from persim_jax import evaluation, planning
 
 
@@ -26,7 +27,7 @@ def test_true_env_mpc_keeps_the_default_cartpole_up():
     # agents). With the paper's horizon 30 the cart sometimes drifts out of
     # bounds: this agent then averages 181-190 over runs of 20 episodes (the
     # paper's True env + MPC: 191.2 ± 21.0), too close to 190 for a test.
-    planner = planning.paper_planner(env, horizon=50)
+    planner = paper.planner(env, horizon=50)
     returns = evaluation.run_episodes(jax.random.PRNGKey(0), planner, dynamics, env,
                                       env.default_agent[None], num_episodes=4)
     assert returns.shape == (1, 4)
@@ -35,7 +36,7 @@ def test_true_env_mpc_keeps_the_default_cartpole_up():
 
 def test_true_env_mpc_drives_the_mountaincar_to_the_goal():
     env = envs.make("mountaincar")
-    planner = planning.paper_planner(env)          # 1000 × 50, position bonus
+    planner = paper.planner(env)          # 1000 × 50, position bonus
     returns = evaluation.run_episodes(
         jax.random.PRNGKey(0), planner, evaluation.true_env_dynamics_for_agent(env), env,
         np.array([[0.0025]]), num_episodes=3)
@@ -74,7 +75,7 @@ def test_compiled_episodes_equal_a_python_loop_on_a_learned_simulator(mountainca
     # Simulator units 0..4 are the test agents; evaluate units 3 and 0.
     covariates = env.test_agents[[3, 0]]
     dynamics_for_agent = evaluation.simulator_dynamics_for_agent(simulator, agent_ids=[3, 0])
-    config = planning.paper_config(env, num_candidates=64, horizon=12)
+    config = paper.planner_config(env, num_candidates=64, horizon=12)
     planner = planning.random_shooting(config, env.reward, env.terminated)
     key = jax.random.PRNGKey(5)
     got = evaluation.run_episodes(key, planner, dynamics_for_agent, env, covariates,
@@ -86,10 +87,11 @@ def test_compiled_episodes_equal_a_python_loop_on_a_learned_simulator(mountainca
 SHARDING_SCRIPT = textwrap.dedent("""
     import jax, numpy as np
     import envs
+    from experiments import paper
     from persim_jax import evaluation, planning
     assert jax.device_count() == 4, jax.devices()
     env = envs.make("cartpole")
-    planner = planning.paper_planner(env, num_candidates=64, horizon=10)
+    planner = paper.planner(env, num_candidates=64, horizon=10)
     dynamics = evaluation.true_env_dynamics_for_agent(env)
     covariates = env.test_agents[:3]
     args = (jax.random.PRNGKey(0), planner, dynamics, env, covariates, 3)
@@ -136,7 +138,7 @@ SHARDING_SCRIPT = textwrap.dedent("""
             overrides["num_candidates" if env_.discrete_actions else "num_samples"] = count
             if not env_.discrete_actions:
                 overrides["num_elites"] = 5
-            planner_ = planning.paper_planner(env_, **overrides)
+            planner_ = paper.planner(env_, **overrides)
             plan = jax.jit(lambda key, obs: planner_.plan(
                 key, planner_.init(), obs, planning.simulator_dynamics(simulator, 2)))
             if shard:
@@ -162,7 +164,7 @@ def test_four_cpu_devices_give_the_same_returns_and_plans_as_one():
 
 def test_run_episodes_validates_its_arguments(mountaincar_fit):
     env = envs.make("cartpole")
-    planner = planning.paper_planner(env, num_candidates=8, horizon=2)
+    planner = paper.planner(env, num_candidates=8, horizon=2)
     dynamics = evaluation.true_env_dynamics_for_agent(env)
     key = jax.random.PRNGKey(0)
     with pytest.raises(ValueError, match="covariates"):

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from experiments import paper
 from persim_jax import model
 from persim_jax.model import ModelConfig, Simulator
 
@@ -28,12 +29,12 @@ def test_parameter_counts_match_the_authors_models(config, expected):
 
 
 def test_paper_sizes():
-    assert model.paper_sizes("mountaincar")["rank"] == 3
-    assert model.paper_sizes("CartPole")["rank"] == 5
-    cheetah = model.paper_sizes("halfcheetah")
+    assert paper.model_sizes("mountaincar")["rank"] == 3
+    assert paper.model_sizes("CartPole")["rank"] == 5
+    cheetah = paper.model_sizes("halfcheetah")
     assert cheetah == dict(rank=20, state_hidden=(256, 512, 512), action_hidden=(256, 256))
     with pytest.raises(ValueError, match="env_name"):
-        model.paper_sizes("acrobot")
+        paper.model_sizes("acrobot")
 
 
 def _reference_forward(params, config, agent, obs, action):

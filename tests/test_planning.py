@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 import envs
+from experiments import paper
 from persim_jax import model, planning
 from persim_jax.model import ModelConfig, NormStats, Simulator
 
@@ -308,7 +309,7 @@ def test_true_env_dynamics_equal_the_env_step(name):
 
 def test_halfcheetah_state_rebuilt_from_obs_steps_like_the_real_state():
     # The observation lacks the torso x (irrelevant) and MuJoCo's solver warm
-    # start (reset by `state_from_obs`): one step from the rebuilt state must
+    # start (reset by `env.state_from_obs`): one step from the rebuilt state must
     # still match the real one to solver tolerance. One compiled step serves
     # all three calls (MJX compiles slowly on CPU).
     env = envs.make("halfcheetah")
@@ -322,7 +323,7 @@ def test_halfcheetah_state_rebuilt_from_obs_steps_like_the_real_state():
     obs, state, _, _, _ = step(keys, state, first, params)
     assert np.abs(np.asarray(state.data.qacc_warmstart)).max() > 1.0   # a real warm start
     expected, _, _, _, _ = step(keys, state, second, params)
-    rebuilt = jax.jit(jax.vmap(lambda o: planning.state_from_obs(env, o, params)))(obs)
+    rebuilt = jax.jit(jax.vmap(lambda o: env.state_from_obs(o, params)))(obs)
     np.testing.assert_array_equal(np.asarray(jax.vmap(env.get_obs)(rebuilt)), np.asarray(obs))
     got, _, _, _, _ = step(keys, rebuilt, second, params)
     np.testing.assert_allclose(np.asarray(got), np.asarray(expected), rtol=1e-4, atol=1e-3)
@@ -344,11 +345,11 @@ def test_config_validation_names_the_field():
 
 
 def test_paper_configs_follow_the_decisions_table():
-    cartpole = planning.paper_config(envs.make("cartpole"))
+    cartpole = paper.planner_config(envs.make("cartpole"))
     assert (cartpole.num_candidates, cartpole.horizon, cartpole.discount, cartpole.aggregation,
             cartpole.position_bonus) == (1000, 30, 0.93, "min", 0.0)
-    mountaincar = planning.paper_config(envs.make("mountaincar"))
+    mountaincar = paper.planner_config(envs.make("mountaincar"))
     assert (mountaincar.num_candidates, mountaincar.horizon, mountaincar.position_bonus) == (
         1000, 50, 0.01)
-    authors = planning.paper_config(envs.make("cartpole"), aggregation="mean", discount=1.0)
+    authors = paper.planner_config(envs.make("cartpole"), aggregation="mean", discount=1.0)
     assert (authors.aggregation, authors.discount) == ("mean", 1.0)
