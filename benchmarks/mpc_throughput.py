@@ -14,7 +14,7 @@ by default one plan at a time on CPU, which is the fastest there, and all at
 once on accelerators). A single plan splits its candidates over the devices
 (the planner's `shard_candidates`). On a CPU the script first makes JAX show
 one device per core (`persim_jax.use_cpu_cores`; JAX_NUM_CPU_DEVICES=1 in the
-environment measures JAX's default single device). Settings (DESIGN.md):
+environment measures JAX's default single device). Settings (docs/design.md):
 CartPole and MountainCar random shooting 1000 candidates × horizon 30 / 50;
 HalfCheetah CEM 200 samples × 30 × (1 + 5) rounds.
 

@@ -61,7 +61,8 @@ def main(argv):
         agent_key, key = jax.random.split(key)
         covariates = env.sample_agents(agent_key, _AGENTS.value)
         params = env.agent_params(covariates)
-        steps = _HALFCHEETAH_STEPS.value if name == "halfcheetah" else env.max_episode_steps
+        # MJX physics is slow on a CPU: continuous-action (MuJoCo) envs play short episodes.
+        steps = env.max_episode_steps if env.discrete_actions else _HALFCHEETAH_STEPS.value
         start = time.perf_counter()
         returns, lengths = jax.block_until_ready(random_episodes(env, steps, key, params))
         seconds = time.perf_counter() - start

@@ -16,7 +16,7 @@ from __future__ import annotations
 from absl import app, flags
 
 import envs
-from persim_jax import datasets
+from experiments.datagen import datasets
 
 FLAGS = flags.FLAGS
 flags.DEFINE_enum("env", None, list(envs.ENV_NAMES), "Environment.")

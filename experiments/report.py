@@ -23,7 +23,6 @@ from collections.abc import Sequence
 from experiments import paper
 from persim_jax.data import atomic_write
 
-ENV_NAMES = {"mountaincar": "MountainCar", "cartpole": "CartPole", "halfcheetah": "HalfCheetah"}
 DATASET_NAMES = {"pure": "Pure", "random": "Random", "pure_eps20": "Pure-ε-20",
                  "pure_eps40": "Pure-ε-40"}
 DASH = "–"
@@ -295,7 +294,7 @@ def render_report(results: dict, figure_dir: str | None = None) -> str:
     total = _total_seconds(results)
 
     header = [
-        f"# PerSim on {ENV_NAMES.get(env, env or 'own environment')} / "
+        f"# PerSim on {paper.display_name(env) if env else 'own environment'} / "
         f"{_pretty_dataset(dataset)}",
         "",
         f"env `{env or 'none (own data)'}` · dataset `{dataset}` · preset `{results.get('preset', '?')}` · "

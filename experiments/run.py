@@ -24,7 +24,10 @@ settings are unchanged (`--force` redoes them all):
 Everything goes to `<out_dir>/<env>/<dataset>/`, written atomically. Presets:
 `quick` (default) is sized for a 2-core CPU, `paper` uses the paper's settings
 (300 epochs, 1000 / 200 candidates, 20 episodes × 5 trials) and is meant for a
-GPU; any setting can be overridden by its flag. See `PRESETS`.
+GPU; any setting can be overridden by its flag. The presets live in the
+registry `experiments/paper.py`; the run's settings are one `RunConfig`
+(`experiments/config.py`). The compared methods (`persim_jax.methods`) go
+through the same stages; each has its own keys.
 
 Own data: `--dataset=PATH` trains on the file, reports the held-out one-step
 error per agent and writes the agent factors; given `--env` and covariates in
@@ -41,7 +44,7 @@ import os
 import shutil
 import sys
 import time
-from typing import Any
+from typing import Any, Sequence
 
 if __name__ == "__main__":
     # One JAX CPU device per core (JAX_NUM_CPU_DEVICES=1 keeps JAX's single
@@ -54,7 +57,12 @@ import numpy as np
 from absl import app, flags, logging
 
 import envs
-from persim_jax import data, datasets, evaluation, model, planning, policies, train
+from experiments import config as config_lib
+from experiments import paper
+from experiments.config import RunConfig, UserError
+from experiments.datagen import datasets, policies
+from persim_jax import data, evaluation, methods, train
+from persim_jax.model import Simulator
 
 FLAGS = flags.FLAGS
 
@@ -108,162 +116,47 @@ def define_flags() -> None:
 
 STAGES = ("dataset", "train", "prediction", "reward", "plots", "report")
 
-# The paper's settings (section 6, appendix D/E). Model sizes and planners
-# come from `model.paper_sizes` and `planning.paper_config`.
-_PAPER = dict(trials=5, num_agents=datasets.NUM_AGENTS, ensemble_size=5, epochs=300,
-              batch_size=256, learning_rate=1e-3, lr_halving_epochs=150, episodes=20,
-              max_steps=None, prediction_episodes=200, true_env_mpc=True)
-
-# Per-env training choices of both presets, measured on the prediction error
-# (benchmarks/RESULTS.md). Model normalisation. CartPole trains on raw states and Δ, as the authors'
-# final code: the raw loss is dominated by Δθ̇, the quantity whose errors grow
-# fastest in open loop, and standardised training gave 3-40x the paper's
-# prediction RMSE. MountainCar (raw in the authors' code) and HalfCheetah are
-# standardised: on MountainCar that measured better (RMSE of the low-gravity
-# test agents 0.014 vs 0.023 after 60 epochs). Measurements: benchmarks/RESULTS.md.
-# Minibatches smaller than the paper's text (256 for every env): CartPole 64,
-# as the authors' code (short-pole test agent RMSE 0.45-0.63 -> 0.06-0.13,
-# paper 0.080); MountainCar 32 (low-gravity test agents 0.014-0.019 ->
-# 0.006-0.008, paper 0.001; the authors' code used 512).
-_ENV_TRAINING = {
-    "cartpole": dict(standardize=False, batch_size=64),
-    "mountaincar": dict(standardize=True, batch_size=32),
-    "halfcheetah": dict(standardize=True),
-}
-
-# quick: each env × dataset in ≤ 10 min (CartPole, MountainCar) / ≤ 20 min
-# (HalfCheetah) on 2 CPU cores, generation of the dataset included. Smaller
-# than the paper in epochs, trials, episodes; HalfCheetah also in agents
-# (100), CEM size, and without True env + MPC (MJX planning on a CPU runs
-# ~2000 simulator steps per plan, ~50 min per episode). CartPole and
-# MountainCar compress the paper's schedule: the step size halves every
-# quarter of the run (paper: 300 epochs, halved at 150).
-_QUICK = {
-    "cartpole": dict(trials=1, epochs=200, lr_halving_epochs=50, episodes=5,
-                     prediction_episodes=50),
-    "mountaincar": dict(trials=1, epochs=60, lr_halving_epochs=20, episodes=5,
-                        prediction_episodes=50),
-    "halfcheetah": dict(trials=1, num_agents=100, epochs=10, episodes=1, prediction_episodes=20,
-                        true_env_mpc=False, candidates=50, horizon=10, cem_rounds=2,
-                        cem_elites=10),
-}
-
-PRESETS = {
-    "paper": {name: {**_PAPER, **_ENV_TRAINING[name]} for name in envs.ENV_NAMES},
-    "quick": {name: {**_PAPER, **_ENV_TRAINING[name], **_QUICK[name]} for name in envs.ENV_NAMES},
-}
-# Settings for the user's own data without an env (no planning).
-_CUSTOM = dict(_PAPER, trials=1, epochs=50, rank=5, state_hidden=(256,), action_hidden=(256, 256),
-               standardize=True)
-
-
-class UserError(Exception):
-    """A problem with the user's input: reported in one line, exit code 2."""
-
-
-# ---------------------------------------------------------------------------
-# Settings
-
-
-OVERRIDABLE = ("trials", "num_agents", "rank", "ensemble_size", "epochs", "batch_size",
-               "learning_rate", "state_hidden", "candidates", "horizon", "cem_rounds",
-               "cem_elites", "aggregation", "discount", "episodes", "max_steps",
-               "prediction_episodes", "true_env_mpc", "standardize", "lr_halving_epochs")
-
 
 def resolve_settings(env_name: str | None, dataset: str, preset: str = "quick",
-                     overrides: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The run's settings: the preset for the env (model sizes from
-    `model.paper_sizes`), overridden by `overrides` (None values ignored)."""
-    custom = dataset not in datasets.DATASETS
-    if not custom and env_name is None:
-        raise UserError(f"--env is required for the paper's datasets "
-                        f"(one of {', '.join(envs.ENV_NAMES)})")
-    if preset not in PRESETS:
-        raise UserError(f"--preset: unknown {preset!r}; valid: {', '.join(PRESETS)}")
-    if env_name is None:
-        settings = dict(_CUSTOM)
-    else:
-        settings = dict(PRESETS[preset][env_name])
-        settings.update(model.paper_sizes(env_name))
-    overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
-    unknown = sorted(set(overrides) - set(OVERRIDABLE))
-    if unknown:
-        raise UserError(f"unknown setting(s) {unknown}; valid: {', '.join(OVERRIDABLE)}")
-    if "rank" in overrides and overrides["rank"] != "auto":
-        overrides["rank"] = _positive_int("rank", overrides["rank"])
-    if "state_hidden" in overrides:
-        overrides["state_hidden"] = tuple(_positive_int("state_hidden", h)
-                                          for h in overrides["state_hidden"])
-    settings.update(overrides)
-    if settings.get("lr_halving_epochs") is not None and settings["lr_halving_epochs"] < 0:
-        raise UserError(f"--lr_halving_epochs: must be >= 0 (0: constant); got "
-                        f"{settings['lr_halving_epochs']}")
-    settings["lr_halving_epochs"] = settings.get("lr_halving_epochs") or None
-    for name in ("trials", "num_agents", "ensemble_size", "epochs", "batch_size", "episodes",
-                 "prediction_episodes", "candidates", "horizon", "cem_elites", "max_steps"):
-        if settings.get(name) is not None and settings[name] < 1:
-            raise UserError(f"--{name}: must be a positive integer; got {settings[name]}")
-    if settings.get("cem_rounds") is not None and settings["cem_rounds"] < 0:
-        raise UserError(f"--cem_rounds: must be >= 0; got {settings['cem_rounds']}")
-    if settings.get("learning_rate") is not None and not settings["learning_rate"] > 0:
-        raise UserError(f"--learning_rate: must be positive; got {settings['learning_rate']}")
-    if env_name is not None and not custom and settings["num_agents"] < 5:
-        raise UserError(f"--num_agents: the dataset needs at least the 5 test agents; got "
-                        f"{settings['num_agents']}")
-    settings["state_hidden"] = tuple(settings["state_hidden"])
-    settings["action_hidden"] = tuple(settings["action_hidden"])
-    return settings
+                     overrides: dict[str, Any] | None = None) -> RunConfig:
+    """The run's config (see `experiments.config.resolve`)."""
+    return config_lib.resolve(env_name, dataset, preset, overrides)
 
 
-def settings_from_flags() -> dict[str, Any]:
+def settings_from_flags() -> RunConfig:
     return resolve_settings(FLAGS.env, FLAGS.dataset, FLAGS.preset,
-                            {name: getattr(FLAGS, name) for name in OVERRIDABLE})
+                            {name: getattr(FLAGS, name) for name in config_lib.OVERRIDABLE})
 
 
-def _positive_int(name: str, text) -> int:
+def methods_for(env, config: RunConfig) -> list[methods.Method]:
+    """The methods a run compares: PerSim, and True env + MPC when asked and
+    an env gives the true physics."""
+    chosen: list[methods.Method] = [methods.PerSim(config.training())]
+    if env is not None and config.true_env_mpc:
+        chosen.append(methods.TrueEnvMPC(env))
+    return chosen
+
+
+def planner_for(env, config: RunConfig):
+    """The paper's planner for `env` (the registry's) with the run's overrides."""
     try:
-        value = int(text)
-    except (TypeError, ValueError):
-        raise UserError(f"--{name}: expected a positive integer; got {text!r}") from None
-    if value < 1:
-        raise UserError(f"--{name}: expected a positive integer; got {text!r}")
-    return value
-
-
-def planner_for(env, settings) -> planning.Planner:
-    """The paper's planner for `env` with the run's overrides."""
-    overrides = {}
-    if settings.get("aggregation"):
-        overrides["aggregation"] = settings["aggregation"]
-    if settings.get("discount") is not None:
-        overrides["discount"] = settings["discount"]
-    if settings.get("horizon"):
-        overrides["horizon"] = settings["horizon"]
-    if env.discrete_actions:
-        if settings.get("candidates"):
-            overrides["num_candidates"] = settings["candidates"]
-    else:
-        if settings.get("candidates"):
-            overrides["num_samples"] = settings["candidates"]
-        if settings.get("cem_rounds") is not None:
-            overrides["num_rounds"] = settings["cem_rounds"]
-        if settings.get("cem_elites"):
-            overrides["num_elites"] = settings["cem_elites"]
-    try:
-        return planning.paper_planner(env, **overrides)
+        return paper.planner(env, **config.planner_fields(env.discrete_actions))
     except ValueError as error:
         raise UserError(f"planner settings: {error}") from None
 
 
-def planner_description(planner: planning.Planner) -> dict:
-    config = dataclasses.asdict(planner.config)
-    return {"kind": type(planner.config).__name__, **config}
+def planner_description(planner) -> dict:
+    return {"kind": type(planner.config).__name__, **dataclasses.asdict(planner.config)}
 
 
 def _digest(payload) -> str:
     text = json.dumps(payload, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _say(message: str) -> None:
+    """A progress line of the pipeline (absl logging, INFO)."""
+    logging.info("%s", message)
 
 
 # ---------------------------------------------------------------------------
@@ -306,12 +199,19 @@ class Run:
                                               "result": result})
         return result
 
+    def sum_timings(self, stage: str) -> None:
+        """One timing for `stage` from its per-method / per-trial records."""
+        parts = [name for name in self.timing if name.startswith(f"{stage}_")]
+        if parts:
+            self.timing[stage] = round(self.timing.get(stage, 0.0)
+                                       + sum(self.timing.pop(name) for name in parts), 2)
+
     @contextlib.contextmanager
     def stage(self, name: str, what: str):
-        print(f"[{name}] {what}", flush=True)
+        _say(f"[{name}] {what}")
         start = time.time()
         yield
-        print(f"[{name}] done in {time.time() - start:.1f} s", flush=True)
+        _say(f"[{name}] done in {time.time() - start:.1f} s")
 
 
 def write_json(path: str, payload) -> None:
@@ -334,16 +234,23 @@ def _floats(values) -> list[float]:
     return [float(x) for x in np.asarray(values, np.float64).ravel()]
 
 
+def _config_record(config: RunConfig) -> dict:
+    """`dataclasses.asdict(config)` as JSON has it (tuples as lists)."""
+    return {k: (list(v) if isinstance(v, tuple) else v)
+            for k, v in dataclasses.asdict(config).items()}
+
+
 # ---------------------------------------------------------------------------
 # Stages
 
 
-def load_dataset(env_name: str | None, dataset: str, settings, seed: int, data_dir: str):
+def load_dataset(env_name: str | None, dataset: str, config: RunConfig, seed: int,
+                 data_dir: str):
     """(Transitions, metadata, name): the paper's dataset (cached) or the
     user's file."""
     if dataset in datasets.DATASETS:
         transitions, metadata = datasets.load_or_generate(
-            env_name, dataset, data_dir=data_dir, seed=seed, num_agents=settings["num_agents"])
+            env_name, dataset, data_dir=data_dir, seed=seed, num_agents=config.num_agents)
         return transitions, metadata, dataset
     path = dataset
     if not os.path.isfile(path):
@@ -351,27 +258,9 @@ def load_dataset(env_name: str | None, dataset: str, settings, seed: int, data_d
             raise UserError(f"--dataset: {path!r} is neither one of "
                             f"{', '.join(datasets.DATASETS)} nor a file")
         raise UserError(f"--dataset: no such file: {path}")
-    extension = os.path.splitext(path)[1].lower()
-    loaders = {".npz": data.load_npz, ".csv": data.load_csv, ".parquet": data.load_parquet}
-    if extension not in loaders:
-        raise UserError(f"--dataset: {path}: unknown file type {extension!r}; expected .npz, "
-                        f".csv or .parquet")
-    try:
-        transitions = loaders[extension](path)
-    except (ValueError, KeyError, OSError) as error:
-        message = str(error)
-        if os.fspath(path) not in message:
-            message = f"{path}: {message}"
-        raise UserError(f"--dataset: {message}") from None
+    transitions = _load_user_file(path)
     if env_name is not None:
-        env = envs.make(env_name)
-        if transitions.obs_dim != env.obs_dim:
-            raise UserError(f"--dataset: {path}: states have {transitions.obs_dim} dimensions, "
-                            f"{env_name} has {env.obs_dim}")
-        if transitions.discrete != env.discrete_actions:
-            raise UserError(f"--dataset: {path}: {'discrete' if transitions.discrete else 'continuous'}"
-                            f" actions, {env_name} has "
-                            f"{'discrete' if env.discrete_actions else 'continuous'} ones")
+        _check_matches_env(transitions, envs.make(env_name), path)
     with open(path, "rb") as handle:
         file_digest = hashlib.sha256(handle.read()).hexdigest()
     metadata = {"path": os.path.abspath(path), "sha256": file_digest,
@@ -380,44 +269,72 @@ def load_dataset(env_name: str | None, dataset: str, settings, seed: int, data_d
     return transitions, metadata, _run_name(path)
 
 
-def train_stage(run: Run, transitions, settings, seed: int, dataset_key: str) -> list:
-    """Trains (or reloads) one simulator per trial."""
-    train_settings = {k: settings[k] for k in ("rank", "ensemble_size", "epochs", "batch_size",
-                                               "learning_rate", "lr_halving_epochs",
-                                               "state_hidden", "action_hidden", "standardize")}
-    simulators = []
-    for trial in range(settings["trials"]):
-        key = _digest({"dataset": dataset_key, "train": train_settings, "seed": seed + trial})
-        path = run.path(f"simulator_trial{trial}.msgpack")
-        record = run.cached(f"train_trial{trial}", key)
+def _load_user_file(path: str):
+    extension = os.path.splitext(path)[1].lower()
+    loaders = {".npz": data.load_npz, ".csv": data.load_csv, ".parquet": data.load_parquet}
+    if extension not in loaders:
+        raise UserError(f"--dataset: {path}: unknown file type {extension!r}; expected .npz, "
+                        f".csv or .parquet")
+    try:
+        return loaders[extension](path)
+    except (ValueError, KeyError, OSError) as error:
+        message = str(error)
+        if os.fspath(path) not in message:
+            message = f"{path}: {message}"
+        raise UserError(f"--dataset: {message}") from None
+
+
+def _check_matches_env(transitions, env, path: str) -> None:
+    if transitions.obs_dim != env.obs_dim:
+        raise UserError(f"--dataset: {path}: states have {transitions.obs_dim} dimensions, "
+                        f"{env.name} has {env.obs_dim}")
+    if transitions.discrete != env.discrete_actions:
+        kind = "discrete" if transitions.discrete else "continuous"
+        env_kind = "discrete" if env.discrete_actions else "continuous"
+        raise UserError(f"--dataset: {path}: {kind} actions, {env.name} has {env_kind} ones")
+
+
+def train_stage(run: Run, method: methods.Method, transitions, trials: int, seed: int,
+                dataset_key: str) -> list:
+    """Trains (or reloads) `method` once per trial; [None] (one evaluation,
+    no trials) for a method that does not train."""
+    if not method.trains:
+        return [None]
+    trained = []
+    for trial in range(trials):
+        key = _digest({"dataset": dataset_key, "train": method.description(),
+                       "seed": seed + trial, "method": method.name})
+        stage = f"train_{method.name}_trial{trial}"
+        path = run.path(_artefact_name(method, trial))
+        record = run.cached(stage, key)
         if record is not None and os.path.exists(path):
-            simulators.append(model.Simulator.load(path))
-            print(f"[train] trial {trial}: reusing {path}", flush=True)
+            trained.append(method.load(path))
+            _say(f"[train] trial {trial}: reusing {path}")
             continue
         start = time.time()
-        print(f"[train] trial {trial}: {settings['ensemble_size']} members, rank "
-              f"{settings['rank']}, {settings['epochs']} epochs, "
-              f"{transitions.num_transitions} transitions", flush=True)
-        simulator = train.fit(
-            transitions, rank=settings["rank"], key=jax.random.PRNGKey(seed + trial),
-            ensemble_size=settings["ensemble_size"], epochs=settings["epochs"],
-            batch_size=settings["batch_size"], learning_rate=settings["learning_rate"],
-            lr_halving_epochs=settings["lr_halving_epochs"],
-            state_hidden=settings["state_hidden"], action_hidden=settings["action_hidden"],
-            standardize=settings["standardize"],
-            checkpoint_dir=run.path("checkpoints", key, f"trial{trial}"))
-        simulator.save(path)
+        _say(f"[train] trial {trial}: {method.name}, {transitions.num_transitions} transitions, "
+             f"{method.description()}")
+        result = method.train(transitions, method.key("train", seed, trial),
+                              workdir=run.path("checkpoints", key, f"trial{trial}"))
+        method.save(result, path)
         shutil.rmtree(run.path("checkpoints", key), ignore_errors=True)
-        run.store(f"train_trial{trial}", key, {
-            "rank": simulator.rank,
-            "validation_loss": _floats(simulator.validation_loss),
-            "rank_losses": simulator.rank_losses}, time.time() - start)
-        simulators.append(simulator)
-    run.timing["train"] = round(sum(run.timing.get(f"train_trial{t}", 0.0)
-                                    for t in range(settings["trials"])), 2)
-    for trial in range(settings["trials"]):
-        run.timing.pop(f"train_trial{trial}", None)
-    return simulators
+        run.store(stage, key, _train_record(result), time.time() - start)
+        trained.append(result)
+    run.sum_timings("train")
+    return trained
+
+
+def _artefact_name(method: methods.Method, trial: int) -> str:
+    # PerSim's file name predates the other methods.
+    prefix = "simulator" if method.name == methods.PerSim.name else method.name
+    return f"{prefix}_trial{trial}.msgpack"
+
+
+def _train_record(trained) -> dict:
+    if isinstance(trained, Simulator):
+        return {"rank": trained.rank, "validation_loss": _floats(trained.validation_loss),
+                "rank_losses": trained.rank_losses}
+    return {}
 
 
 def test_agents_of(env, transitions):
@@ -430,86 +347,76 @@ def test_agents_of(env, transitions):
     try:
         env.agents.validate(covariates)
     except ValueError as error:
-        print(f"[evaluation] skipped: units 0..{count - 1} of the data are not {env.name} "
-              f"agents inside the paper's ranges ({error})", flush=True)
+        logging.warning("[evaluation] skipped: units 0..%d of the data are not %s agents inside "
+                        "the paper's ranges (%s)", count - 1, env.name, error)
         return None, None
     return covariates, np.arange(count)
 
 
-def prediction_stage(run: Run, env, simulators, covariates, agent_ids, settings, seed,
-                     train_key):
-    key = _digest({"train": train_key, "episodes": settings["prediction_episodes"],
-                   "agents": agent_ids.tolist(), "seed": seed})
-    cached = run.cached("prediction", key)
+def prediction_stage(run: Run, env, method: methods.Method, trained: list, covariates,
+                     agent_ids, config: RunConfig, seed: int, train_key) -> dict:
+    """The paper's open-loop prediction error of `method`, averaged over trials."""
+    key = _digest({"train": train_key, "method": method.name,
+                   "episodes": config.prediction_episodes, "agents": agent_ids.tolist(),
+                   "seed": seed})
+    stage = f"prediction_{method.name}"
+    cached = run.cached(stage, key)
     if cached is not None:
-        print("[prediction] reusing the stored result", flush=True)
+        _say("[prediction] reusing the stored result")
         return cached
     start = time.time()
-    test_policy = policies.load_test_policy(env)
+    test_policy = policies.test_policy(env)
     summaries = []
-    with run.stage("prediction", f"{len(agent_ids)} agents × {settings['prediction_episodes']} "
-                   f"episodes of the test policy, 10 teacher-forced + 50 open-loop steps, "
-                   f"{len(simulators)} trial(s)"):
-        for trial, simulator in enumerate(simulators):
+    with run.stage("prediction", f"{method.name}: {len(agent_ids)} agents × "
+                   f"{config.prediction_episodes} episodes of the test policy, 10 teacher-forced "
+                   f"+ 50 open-loop steps, {len(trained)} trial(s)"):
+        for trial, model in enumerate(trained):
             errors = evaluation.prediction_error(
-                jax.random.PRNGKey(seed + 1000 + trial), simulator, env, test_policy, covariates,
-                agent_ids, num_episodes=settings["prediction_episodes"])
+                method.key("prediction", seed, trial),
+                method.dynamics_for_agent(model, agent_ids, for_planning=False), env,
+                test_policy, covariates, num_episodes=config.prediction_episodes)
             summaries.append(errors.summary())
     result = {
         "rmse": _floats(np.mean([s["rmse"] for s in summaries], axis=0)),
         "rmse_std": _floats(np.mean([s["rmse_std"] for s in summaries], axis=0)),
         "r2_median": _floats(np.mean([s["r2_median"] for s in summaries], axis=0)),
-        "horizon": 50, "warmup": 10, "episodes": settings["prediction_episodes"],
-        "trials": len(simulators),
+        "horizon": 50, "warmup": 10, "episodes": config.prediction_episodes,
+        "trials": len(trained),
     }
-    return run.store("prediction", key, result, time.time() - start)
+    return run.store(stage, key, result, time.time() - start)
 
 
-def reward_stage(run: Run, env, simulators, covariates, agent_ids, settings, seed, train_key):
-    planner = planner_for(env, settings)
-    description = planner_description(planner)
-    episodes, max_steps = settings["episodes"], settings["max_steps"]
+def reward_stage(run: Run, env, method: methods.Method, trained: list, covariates, agent_ids,
+                 planner, config: RunConfig, seed: int, train_key) -> dict:
+    """MPC returns of `method` on the test agents: {mean, std, returns}, the
+    std over trials (several) or over one trial's episodes."""
     # Where the candidates run (shard_candidates) does not change the returns
     # (tests/test_evaluation.py): it is recorded but not part of the key.
-    planner_key = {k: v for k, v in description.items() if k != "shard_candidates"}
-    key = _digest({"train": train_key, "planner": planner_key, "episodes": episodes,
-                   "max_steps": max_steps, "agents": agent_ids.tolist(), "seed": seed,
-                   "true_env": settings["true_env_mpc"]})
-    cached = run.cached("reward", key)
+    planner_key = {k: v for k, v in planner_description(planner).items()
+                   if k != "shard_candidates"}
+    key = _digest({"train": train_key if method.trains else None, "method": method.name,
+                   "planner": planner_key, "episodes": config.episodes,
+                   "max_steps": config.max_steps, "agents": agent_ids.tolist(), "seed": seed})
+    stage = f"reward_{method.name}"
+    cached = run.cached(stage, key)
     if cached is not None:
-        print("[reward] reusing the stored result", flush=True)
+        _say("[reward] reusing the stored result")
         return cached
     start = time.time()
-    steps = max_steps or env.max_episode_steps
-    result: dict[str, Any] = {"episodes": episodes, "trials": len(simulators),
-                              "max_steps": steps, "planner": description}
-    with run.stage("reward", f"PerSim MPC: {len(agent_ids)} agents × {episodes} episodes × "
-                   f"{len(simulators)} trial(s), ≤ {steps} steps, one compiled program each"):
-        per_trial = []
-        for trial, simulator in enumerate(simulators):
-            returns = evaluation.run_episodes(
-                jax.random.PRNGKey(seed + 2000 + trial), planner,
-                evaluation.simulator_dynamics_for_agent(simulator, agent_ids.tolist()), env,
-                covariates, episodes, max_steps=max_steps)
-            per_trial.append(returns)
-        per_trial = np.stack(per_trial)                     # (trials, K, E)
-        means = per_trial.mean(axis=2)                      # (trials, K)
-        spread = means.std(axis=0) if len(simulators) > 1 else per_trial[0].std(axis=1)
-        result["persim"] = {"mean": _floats(means.mean(axis=0)), "std": _floats(spread),
-                            "returns": per_trial.tolist()}
-        result["std_over"] = "trials" if len(simulators) > 1 else "episodes"
-    if settings["true_env_mpc"]:
-        with run.stage("reward", f"True env + MPC: {len(agent_ids)} agents × {episodes} episodes"):
-            returns = evaluation.run_episodes(
-                jax.random.PRNGKey(seed + 3000), planner,
-                evaluation.true_env_dynamics_for_agent(env), env, covariates, episodes,
-                max_steps=max_steps)
-        result["true_env_mpc"] = {"mean": _floats(returns.mean(axis=1)),
-                                  "std": _floats(returns.std(axis=1)),
-                                  "returns": returns.tolist()}
-    else:
-        result["true_env_mpc"] = None
-    return run.store("reward", key, result, time.time() - start)
+    steps = config.max_steps or env.max_episode_steps
+    with run.stage("reward", f"{method.name} MPC: {len(agent_ids)} agents × {config.episodes} "
+                   f"episodes × {len(trained)} trial(s), ≤ {steps} steps, one compiled program "
+                   f"each"):
+        per_trial = np.stack([
+            evaluation.run_episodes(method.key("reward", seed, trial), planner,
+                                    method.dynamics_for_agent(model, agent_ids), env, covariates,
+                                    config.episodes, max_steps=config.max_steps)
+            for trial, model in enumerate(trained)])                # (trials, K, E)
+    means = per_trial.mean(axis=2)                                     # (trials, K)
+    spread = means.std(axis=0) if len(trained) > 1 else per_trial[0].std(axis=1)
+    result = {"mean": _floats(means.mean(axis=0)), "std": _floats(spread),
+              "returns": per_trial.tolist() if method.trains else per_trial[0].tolist()}
+    return run.store(stage, key, result, time.time() - start)
 
 
 def factors_stage(run: Run, simulators, transitions) -> None:
@@ -558,7 +465,7 @@ def plots_stage(run: Run, env, simulators, transitions, covariates, agent_ids, s
     if env is not None and agent_ids is not None:
         shown = agent_ids[:2]
         trajectories = evaluation.prediction_trajectories(
-            jax.random.PRNGKey(seed + 4000), simulators[0], env, policies.load_test_policy(env),
+            jax.random.PRNGKey(seed + 4000), simulators[0], env, policies.test_policy(env),
             covariates[:2], shown)
         labels = [", ".join(f"{n} {v:g}" for n, v in zip(env.covariate_names, c))
                   for c in covariates[:2]]
@@ -574,26 +481,63 @@ def plots_stage(run: Run, env, simulators, transitions, covariates, agent_ids, s
 # The pipeline
 
 
-def run_pipeline(env_name: str | None, dataset: str, settings: dict, *, preset: str, seed: int,
-                 out_dir: str, data_dir: str, force: bool = False,
-                 skip: tuple[str, ...] = ()) -> dict:
+def _dataset_stage(env_name, dataset, config: RunConfig, seed: int, data_dir: str):
+    """(transitions, metadata, name, seconds), with progress lines."""
+    start = time.time()
+    what = (f"{dataset}: {config.num_agents} agents, one trajectory each"
+            if dataset in datasets.DATASETS else f"loading {dataset}")
+    _say(f"[dataset] {what}")
+    transitions, metadata, name = load_dataset(env_name, dataset, config, seed, data_dir)
+    seconds = time.time() - start
+    _say(f"[dataset] {transitions.num_agents} agents, {transitions.num_transitions} transitions "
+         f"({'cached' if metadata.get('cached', True) else 'generated'}, {seconds:.1f} s)")
+    if metadata.get("stats"):
+        _say(datasets.format_stats(metadata))
+    return transitions, metadata, name, seconds
+
+
+def _evaluate(run: Run, env, chosen, trained, covariates, agent_ids, config, seed, train_key,
+              skip) -> tuple[dict, dict | None]:
+    """({method: {"prediction": ... or None, "reward": ... or None}}, the
+    planner's description or None without the reward stage)."""
+    planner = planner_for(env, config) if "reward" not in skip else None
+    rows = {}
+    for method in chosen:
+        prediction = reward = None
+        if method.predicts and "prediction" not in skip:
+            prediction = prediction_stage(run, env, method, trained[method.name], covariates,
+                                          agent_ids, config, seed, train_key)
+        if "reward" not in skip:
+            reward = reward_stage(run, env, method, trained[method.name], covariates,
+                                  agent_ids, planner, config, seed, train_key)
+        rows[method.name] = {"prediction": prediction, "reward": reward}
+    run.sum_timings("prediction")
+    run.sum_timings("reward")
+    return rows, None if planner is None else planner_description(planner)
+
+
+def _reward_summary(rows: dict, planner: dict | None, config: RunConfig, env) -> dict | None:
+    """results.json's "reward": PerSim's and True env + MPC's rows, as before
+    the methods protocol (`results["methods"]` has every method's)."""
+    if planner is None:
+        return None
+    return {"episodes": config.episodes, "trials": config.trials,
+            "max_steps": config.max_steps or env.max_episode_steps, "planner": planner,
+            "persim": rows[methods.PerSim.name]["reward"],
+            "std_over": "trials" if config.trials > 1 else "episodes",
+            "true_env_mpc": rows.get(methods.TrueEnvMPC.name, {}).get("reward")}
+
+
+def run_pipeline(env_name: str | None, dataset: str, config: RunConfig, *, preset: str,
+                 seed: int, out_dir: str, data_dir: str, force: bool = False,
+                 skip: Sequence[str] = ()) -> dict:
     """Runs every stage and returns the results dict (also `results.json`)."""
     from experiments import report
 
     total_start = time.time()
     env = envs.make(env_name) if env_name is not None else None
-    start = time.time()
-    what = (f"{dataset}: {settings['num_agents']} agents, one trajectory each"
-            if dataset in datasets.DATASETS else f"loading {dataset}")
-    print(f"[dataset] {what}", flush=True)
-    transitions, metadata, name = load_dataset(env_name, dataset, settings, seed, data_dir)
-    dataset_seconds = time.time() - start
-    print(f"[dataset] {transitions.num_agents} agents, {transitions.num_transitions} "
-          f"transitions ({'cached' if metadata.get('cached', True) else 'generated'}, "
-          f"{dataset_seconds:.1f} s)", flush=True)
-    if metadata.get("stats"):
-        print(datasets.format_stats(metadata), flush=True)
-
+    transitions, metadata, name, dataset_seconds = _dataset_stage(env_name, dataset, config,
+                                                                  seed, data_dir)
     run = Run(os.path.join(out_dir, env_name or "custom", name), force)
     os.makedirs(run.directory, exist_ok=True)
     run.timing["dataset"] = round(dataset_seconds, 2)
@@ -601,26 +545,23 @@ def run_pipeline(env_name: str | None, dataset: str, settings: dict, *, preset: 
         run.timing["dataset_generation"] = metadata["generation_seconds"]
     dataset_key = {k: metadata.get(k) for k in ("path", "sha256", "env", "dataset", "seed",
                                                  "num_agents", "policies_sha256")}
-    train_key = {"dataset": dataset_key, "settings": {k: settings[k] for k in (
-        "rank", "ensemble_size", "epochs", "batch_size", "learning_rate", "state_hidden",
-        "action_hidden", "standardize", "lr_halving_epochs", "trials")}, "seed": seed}
-
-    simulators = train_stage(run, transitions, settings, seed, _digest(dataset_key))
+    chosen = methods_for(env, config)
+    train_key = {"dataset": dataset_key, "trials": config.trials, "seed": seed,
+                 "methods": {m.name: m.description() for m in chosen if m.trains}}
+    trained = {m.name: train_stage(run, m, transitions, config.trials, seed,
+                                   _digest(dataset_key)) for m in chosen}
+    simulators = trained[methods.PerSim.name]
     covariates, agent_ids = (test_agents_of(env, transitions) if env is not None
                              else (None, None))
-    prediction = reward = validation = None
+    rows, planner = {}, None
     if env is not None and agent_ids is not None:
-        if "prediction" not in skip:
-            prediction = prediction_stage(run, env, simulators, covariates, agent_ids, settings,
-                                          seed, train_key)
-        if "reward" not in skip:
-            reward = reward_stage(run, env, simulators, covariates, agent_ids, settings, seed,
-                                  train_key)
+        rows, planner = _evaluate(run, env, chosen, trained, covariates, agent_ids, config,
+                                  seed, train_key, skip)
+    validation = None
     if dataset not in datasets.DATASETS:
         with run.stage("validation", "held-out one-step error per agent"):
             validation = validation_by_agent(simulators[0], transitions, seed)
-        print(f"[validation] mean one-step RMSE over agents: {validation.get('mean_rmse')}",
-              flush=True)
+        _say(f"[validation] mean one-step RMSE over agents: {validation.get('mean_rmse')}")
 
     factors_stage(run, simulators, transitions)
     figures_written: list[str] = []
@@ -631,6 +572,7 @@ def run_pipeline(env_name: str | None, dataset: str, settings: dict, *, preset: 
                                           agent_ids, seed)
         run.timing["plots"] = round(time.time() - start, 2)
 
+    reward = _reward_summary(rows, planner, config, env)
     stats = metadata.get("stats")
     results = {
         "env": env_name,
@@ -639,13 +581,14 @@ def run_pipeline(env_name: str | None, dataset: str, settings: dict, *, preset: 
         "seed": seed,
         "test_agents": None if covariates is None else covariates.tolist(),
         "covariate_names": list(env.covariate_names) if env is not None else None,
-        "prediction": prediction,
+        "prediction": rows.get(methods.PerSim.name, {}).get("prediction"),
         "reward": reward,
+        "methods": rows,
         "dataset_stats": None if not stats else {
             "test_agent_return": stats["test_agent_return"],
             "mean_return": stats["mean_return"], "mean_length": stats["mean_length"]},
         "validation": validation,
-        "config": {**{k: (list(v) if isinstance(v, tuple) else v) for k, v in settings.items()},
+        "config": {**_config_record(config), "methods": [m.name for m in chosen],
                    "rank_used": simulators[0].rank,
                    "planner": reward["planner"] if reward else None},
         "figures": figures_written,
@@ -656,22 +599,29 @@ def run_pipeline(env_name: str | None, dataset: str, settings: dict, *, preset: 
     results["timing_s"] = dict(run.timing)
     write_json(run.path("results.json"), results)
     report.write_report(results, run.path("report.md"))
-    print(f"[report] {run.path('results.json')}, {run.path('report.md')} "
-          f"({run.timing['total']:.0f} s in all)", flush=True)
+    _say(f"[report] {run.path('results.json')}, {run.path('report.md')} "
+         f"({run.timing['total']:.0f} s in all)")
     return results
 
 
-def main(argv):
+def _show_progress() -> None:
+    """Our progress lines at INFO; orbax's INFO lines (one per checkpoint) hidden."""
     if not FLAGS["verbosity"].present:
-        logging.set_verbosity(logging.WARNING)     # orbax logs every checkpoint at INFO
+        logging.set_verbosity(logging.INFO)
+        logging.get_absl_handler().addFilter(
+            lambda record: record.levelno >= logging.WARNING or "orbax" not in record.pathname)
+
+
+def main(argv):
+    _show_progress()
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     try:
         unknown = sorted(set(FLAGS.skip) - {"prediction", "reward", "plots"})
         if unknown:
             raise UserError(f"--skip: unknown stage(s) {unknown}; valid: prediction, reward, plots")
-        settings = settings_from_flags()
-        results = run_pipeline(FLAGS.env, FLAGS.dataset, settings, preset=FLAGS.preset,
+        config = settings_from_flags()
+        results = run_pipeline(FLAGS.env, FLAGS.dataset, config, preset=FLAGS.preset,
                                seed=FLAGS.seed, out_dir=FLAGS.out_dir, data_dir=FLAGS.data_dir,
                                force=FLAGS.force, skip=tuple(FLAGS.skip))
     except UserError as error:

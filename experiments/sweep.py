@@ -23,6 +23,8 @@ import sys
 
 from absl import app, flags
 
+import envs
+from experiments import paper
 from persim_jax.data import atomic_write
 
 FLAGS = flags.FLAGS
@@ -32,7 +34,7 @@ def define_flags() -> None:
     """The sweep's flags, defined only when it runs as a program (so that
     importing this module beside `experiments.run`, which defines `--env` too,
     does not clash)."""
-    flags.DEFINE_string("env", "cartpole", "Environment: mountaincar, cartpole, halfcheetah.")
+    flags.DEFINE_enum("env", paper.DEFAULT_ENV, list(envs.ENV_NAMES), "Environment.")
     flags.DEFINE_list("datasets", ["pure"], "Datasets, comma-separated.")
     flags.DEFINE_list("ranks", ["5"], "Tensor ranks r, comma-separated integers.")
     flags.DEFINE_enum("preset", "quick", ["quick", "paper"], "run.py's preset.")

@@ -7,10 +7,12 @@ vmapped run, and writes them as small checkpoints.
 
 Policy k of the pure set is trained on `env.policy_training_agents[k]` (Table 1);
 the test policy on `env.default_agent`. All K + 1 are one vmapped program
-(DQN for MountainCar / CartPole, TD3 for HalfCheetah). The best evaluated
-params of each agent are kept, re-evaluated on more episodes at the end, and
-written to `<out_dir>/<env>_pure_<k>.msgpack`, `<out_dir>/<env>_test.msgpack`,
-with `<out_dir>/<env>.json` holding the returns reached and the budget.
+(DQN for discrete actions: MountainCar, CartPole; TD3 for continuous ones:
+HalfCheetah), with the env's budget from `experiments.paper.POLICY_TRAINING`.
+The best evaluated params of each agent are kept, re-evaluated on more
+episodes at the end, and written to `<out_dir>/<env>_pure_<k>.msgpack`,
+`<out_dir>/<env>_test.msgpack`, with `<out_dir>/<env>.json` holding the
+returns reached and the budget.
 """
 
 from __future__ import annotations
@@ -26,55 +28,28 @@ from absl import app, flags
 from tqdm import tqdm
 
 import envs
-from persim_jax import policies
+from experiments import paper
+from experiments.datagen import policies
 
 FLAGS = flags.FLAGS
 flags.DEFINE_enum("env", None, list(envs.ENV_NAMES), "Environment.")
 flags.DEFINE_string("out_dir", policies.DEFAULT_POLICY_DIR, "Where the checkpoints go.")
 flags.DEFINE_integer("seed", 0, "PRNG seed.")
-flags.DEFINE_integer("num_timesteps", None, "Env steps per env copy (default: the env's preset).")
+flags.DEFINE_integer("num_timesteps", None, "Env steps per env copy (default: the env's budget).")
 flags.DEFINE_integer("final_episodes", None,
-                     "Episodes per policy of the final evaluation (default 50; HalfCheetah 5).")
-flags.DEFINE_string("config", None, "JSON dict of trainer keyword arguments overriding the preset.")
+                     "Episodes per policy of the final evaluation (default: the env's budget, "
+                     "50; HalfCheetah 5).")
+flags.DEFINE_string("config", None, "JSON dict of trainer keyword arguments overriding the "
+                    "env's budget (experiments.paper.POLICY_TRAINING).")
 flags.DEFINE_string("state_path", None,
-                    "HalfCheetah: where the TD3 training state (actors, critics) is checkpointed "
-                    "after each improvement (default: runs/<env>_td3_state.msgpack).")
-flags.DEFINE_string("resume", None, "HalfCheetah: a TD3 training-state checkpoint to start from.")
+                    "TD3 (continuous actions): where the training state (actors, critics) is "
+                    "checkpointed after each improvement (default: "
+                    "runs/<env>_td3_state.msgpack).")
+flags.DEFINE_string("resume", None, "TD3 (continuous actions): a training-state checkpoint to "
+                    "start from.")
 flags.DEFINE_list("only", None, "Retrain only these of the K + 1 policies (indices; K = the "
                   "test policy), keeping the others; each replaces its shipped checkpoint only "
-                  "if it evaluates better (HalfCheetah: from --resume).")
-
-# Per-env presets (keyword arguments of dqn.train / td3.train).
-PRESETS = {
-    # CartPole: the checkpoint kept for each agent is the best under ε = 0.2
-    # exploration (not greedy): greedy-perfect DQNs are often brittle, and the
-    # paper's pure policies evidently tolerate the ε-mixing of its pure_eps20
-    # data (Table 8: 155 mean return); every kept policy is still checked greedily.
-    "cartpole": dict(num_timesteps=80_000, num_envs=4, learning_rate=5e-4, eval_every=2_500,
-                     eval_episodes=20, exploration_fraction=0.2, epsilon_end=0.1,
-                     eval_epsilon=0.2),
-    "mountaincar": dict(num_timesteps=100_000, num_envs=4, learning_rate=5e-4, eval_every=5_000,
-                        eval_episodes=10, exploration_fraction=0.3, shaping_scale=3_000.0),
-    # Budgeted for 2 CPU cores (~20 ms per vectorised step of the 5 agents):
-    # stop at the paper's targets or after 40 minutes, whichever comes first.
-    "halfcheetah": dict(num_timesteps=300_000, batch_size=128, buffer_size=200_000,
-                        learning_starts=10_000, eval_every=10_000, eval_episodes=2,
-                        max_seconds=2_400.0, stop_returns=[3000.0] * 4 + [4000.0]),
-}
-
-# Returns the shipped policies must reach on their own agent (issue 5): the
-# paper's target or within 20 % of its magnitude (classic control), the
-# floors 2000 / 2500 (HalfCheetah).
-RETURN_FLOORS = {
-    "mountaincar": {"pure": -240.0, "test": -180.0},
-    "cartpole": {"pure": 96.0, "test": 120.0},
-    "halfcheetah": {"pure": 2000.0, "test": 2500.0},
-}
-PAPER_TARGETS = {
-    "mountaincar": {"pure": -200.0, "test": -150.0},
-    "cartpole": {"pure": 120.0, "test": 150.0},
-    "halfcheetah": {"pure": 3000.0, "test": 4000.0},
-}
+                  "if it evaluates better (TD3: from --resume).")
 
 
 def training_agents(env) -> np.ndarray:
@@ -82,104 +57,138 @@ def training_agents(env) -> np.ndarray:
     return np.concatenate([env.policy_training_agents, env.default_agent[None]], axis=0)
 
 
-def train_env(env_name: str, *, out_dir: str, seed: int = 0, num_timesteps: int | None = None,
-              final_episodes: int = 50, config: dict | None = None, state_path: str | None = None,
-              resume: str | None = None, only: list[int] | None = None,
-              progress: bool = True) -> dict:
-    """Trains, evaluates and saves the K pure policies and the test policy of
-    `env_name`. Returns the summary written to `<out_dir>/<env>.json`.
-
-    HalfCheetah (TD3) writes the best actors to `out_dir` and the training
-    state to `state_path` whenever an agent improves, so that an interrupted
-    run keeps its progress (`resume` starts from such a state). `only`
-    (indices into `training_agents(env)`, K = the test policy) retrains a
-    subset of them from `resume`, each replacing its shipped checkpoint only
-    when it evaluates better; the others are kept as they are."""
-    env = envs.make(env_name)
-    k = len(env.policy_training_agents)
-    indices = list(range(k + 1)) if not only else sorted({int(i) for i in only})
-    if not all(0 <= i <= k for i in indices):
-        raise ValueError(f"--only takes indices in 0..{k} (K = {k} is the test policy); got {only}")
-    covariates = training_agents(env)[indices]
-    previous = policies.load_policy_info(env_name, out_dir) if only else {}
-    config = {**PRESETS[env_name], **(config or {})}
+def trainer_config(env_name: str, num_timesteps: int | None = None,
+                   config: dict | None = None) -> tuple[dict, int]:
+    """(trainer keyword arguments, final-evaluation episodes): the env's entry
+    of `paper.POLICY_TRAINING`, overridden by `config`, then `num_timesteps`."""
+    config = {**paper.POLICY_TRAINING[env_name], **(config or {})}
+    final_episodes = int(config.pop("final_episodes"))
     if num_timesteps is not None:
         config["num_timesteps"] = int(num_timesteps)
-    bar = tqdm(total=config["num_timesteps"], desc=f"{env_name} policies", disable=not progress,
-               unit="step")
+    return config, final_episodes
+
+
+def _progress(env_name: str, num_timesteps: int, enabled: bool):
+    """(tqdm bar, progress_fn for the trainers): the bar follows the steps,
+    each evaluation's metrics are printed as one JSON line."""
+    bar = tqdm(total=num_timesteps, desc=f"{env_name} policies", disable=not enabled, unit="step")
 
     def progress_fn(step, metrics):
         bar.update(step - bar.n)
         bar.set_postfix_str("returns " + " ".join(f"{r:.0f}" for r in metrics["returns"]))
         tqdm.write(json.dumps({"step": step, **{k: v for k, v in metrics.items() if k != "step"}}))
 
-    start = time.time()
-    key = jax.random.PRNGKey(seed)
+    return bar, progress_fn
 
-    def shipped():
-        """(K + 1) stacked policies now in out_dir."""
-        return policies.stack([*[policies.unstack(policies.load_pure_policies(env, out_dir), i)
-                                 for i in range(k)], policies.load_test_policy(env, out_dir)])
 
-    if env.discrete_actions:
-        from persim_jax import dqn
-        params, _, history = dqn.train(env, covariates, key=key, progress_fn=progress_fn, **config)
-        if only:
-            params = _keep_better(env, shipped(), params, indices, covariates,
-                                  jax.random.PRNGKey(seed + 3), final_episodes)
-    else:
-        from persim_jax import td3
-        suffix = "" if not only else "_" + "_".join(map(str, indices))
-        state_path = state_path or os.path.join("runs", f"{env_name}_td3_state{suffix}.msgpack")
+def _shipped(env, out_dir) -> policies.Params:
+    """(K + 1) stacked policies now in out_dir: the K pure ones, then the test one."""
+    k = len(env.policy_training_agents)
+    return policies.stack([*[policies.unstack(policies.load_pure_policies(env, out_dir), i)
+                             for i in range(k)], policies.load_test_policy(env, out_dir)])
 
-        def merge(actors):
-            if not only:
-                return actors
-            rows = jnp.asarray(indices)
-            return jax.tree.map(lambda full, sub: full.at[rows].set(sub), shipped(), actors)
 
-        returns_so_far = list(previous.get("best_eval_returns_so_far") or [None] * (k + 1))
+def _train_dqn(env, covariates, key, indices, *, only, out_dir, seed, final_episodes, config,
+               progress_fn):
+    """DQN on `covariates` (rows `indices` of `training_agents`). Returns
+    ((K + 1) stacked params when all are trained, else the shipped ones with
+    the better retrained rows; the history)."""
+    from experiments.datagen import dqn
 
-        def checkpoint_fn(best_actors, best_returns, state):
-            merged = merge(best_actors)
-            policies.save_policies(env, "pure", policies.stack(
-                [policies.unstack(merged, i) for i in range(k)]), directory=out_dir)
-            policies.save_policies(env, "test", policies.unstack(merged, k), directory=out_dir)
-            policies.save_params(state_path, state)
-            for row, value in zip(indices, best_returns.tolist()):
-                returns_so_far[row] = value
-            policies.save_policy_info(env_name, {"best_eval_returns_so_far": returns_so_far},
-                                      out_dir)
+    params, _, history = dqn.train(env, covariates, key=key, progress_fn=progress_fn, **config)
+    if only:
+        params = _keep_better(env, _shipped(env, out_dir), params, indices, covariates,
+                              jax.random.PRNGKey(seed + 3), final_episodes)
+    return params, history
 
-        init_state = init_best = None
-        if resume:
-            init_state = policies.load_params(resume)
-            width = {int(np.shape(x)[0]) for x in jax.tree.leaves(init_state)}
-            if only and width == {k + 1}:
-                init_state = jax.tree.map(lambda x: x[jnp.asarray(indices)], init_state)
-        if only:
-            init_best = (jax.tree.map(lambda x: x[jnp.asarray(indices)], shipped()),
-                         [returns_so_far[i] for i in indices])
-        params, _, history = td3.train(env, covariates, key=key, progress_fn=progress_fn,
-                                       checkpoint_fn=checkpoint_fn, init_state=init_state,
-                                       init_best=init_best, **config)
-        params = merge(params)
-    bar.close()
-    train_s = time.time() - start
 
+def _td3_checkpoint_fn(env, merge, indices, returns_so_far, *, out_dir, state_path):
+    """The TD3 trainer's checkpoint_fn: writes the (merged) best actors as the
+    shipped policies, the training state to `state_path` and the best returns
+    so far to `<out_dir>/<env>.json`."""
+    k = len(env.policy_training_agents)
+
+    def checkpoint_fn(best_actors, best_returns, state):
+        merged = merge(best_actors)
+        policies.save_policies(env, "pure", policies.stack(
+            [policies.unstack(merged, i) for i in range(k)]), directory=out_dir)
+        policies.save_policies(env, "test", policies.unstack(merged, k), directory=out_dir)
+        policies.save_params(state_path, state)
+        for row, value in zip(indices, best_returns.tolist()):
+            returns_so_far[row] = value
+        policies.save_policy_info(env.name, {"best_eval_returns_so_far": returns_so_far},
+                                  out_dir)
+
+    return checkpoint_fn
+
+
+def _train_td3(env, covariates, key, indices, *, only, out_dir, previous, state_path, resume,
+               config, progress_fn):
+    """TD3 on `covariates` (rows `indices` of `training_agents`), checkpointing
+    each improvement; `resume` starts from a saved training state, `only`
+    from the shipped actors' returns. Returns ((K + 1) stacked actors, the
+    history)."""
+    from experiments.datagen import td3
+
+    k = len(env.policy_training_agents)
+    suffix = "" if not only else "_" + "_".join(map(str, indices))
+    state_path = state_path or os.path.join("runs", f"{env.name}_td3_state{suffix}.msgpack")
+
+    def merge(actors):
+        if not only:
+            return actors
+        rows = jnp.asarray(indices)
+        return jax.tree.map(lambda full, sub: full.at[rows].set(sub), _shipped(env, out_dir),
+                            actors)
+
+    returns_so_far = list(previous.get("best_eval_returns_so_far") or [None] * (k + 1))
+    init_state = init_best = None
+    if resume:
+        init_state = policies.load_params(resume)
+        width = {int(np.shape(x)[0]) for x in jax.tree.leaves(init_state)}
+        if only and width == {k + 1}:
+            init_state = jax.tree.map(lambda x: x[jnp.asarray(indices)], init_state)
+    if only:
+        init_best = (jax.tree.map(lambda x: x[jnp.asarray(indices)], _shipped(env, out_dir)),
+                     [returns_so_far[i] for i in indices])
+    checkpoint_fn = _td3_checkpoint_fn(env, merge, indices, returns_so_far, out_dir=out_dir,
+                                       state_path=state_path)
+    params, _, history = td3.train(env, covariates, key=key, progress_fn=progress_fn,
+                                   checkpoint_fn=checkpoint_fn, init_state=init_state,
+                                   init_best=init_best, **config)
+    return merge(params), history
+
+
+def _final_evaluation(env, params, seed: int, final_episodes: int, selection_epsilon: float):
+    """((K + 1, final_episodes) greedy returns, the same at the selection ε
+    or None when it is 0) of the K + 1 policies on their own agents."""
     covariates = training_agents(env)
     returns = policies.evaluate(env, params, covariates, jax.random.PRNGKey(seed + 1),
                                 num_episodes=final_episodes)
-    selection_epsilon = float(config.get("eval_epsilon", 0.0))
     noisy = (policies.evaluate(env, params, covariates, jax.random.PRNGKey(seed + 2),
                                num_episodes=final_episodes, epsilon=selection_epsilon)
              if selection_epsilon else None)
-    pure = policies.stack([policies.unstack(params, i) for i in range(k)])
-    test = policies.unstack(params, k)
-    policies.save_policies(env, "pure", pure, directory=out_dir)
-    policies.save_policies(env, "test", test, directory=out_dir)
-    summary = {
-        "env": env_name,
+    return returns, noisy
+
+
+def _save(env, params, out_dir) -> None:
+    """Writes the K pure policies and the test policy of a (K + 1) stack."""
+    k = len(env.policy_training_agents)
+    policies.save_policies(env, "pure", policies.stack([policies.unstack(params, i)
+                                                        for i in range(k)]), directory=out_dir)
+    policies.save_policies(env, "test", policies.unstack(params, k), directory=out_dir)
+
+
+def _summary(env, *, returns, noisy, selection_epsilon, config, seed, final_episodes,
+             train_s, previous, indices, history, resume) -> dict:
+    """The record written to `<out_dir>/<env>.json`: agents, returns reached,
+    budget, floors and targets, every training run and this run's history."""
+    k = len(env.policy_training_agents)
+    earlier_runs = previous.get("train_runs", [
+        {"agents": list(range(k + 1)), "seconds": previous.get("train_seconds"),
+         "steps": (previous.get("history") or [{}])[-1].get("step")}] if previous else [])
+    return {
+        "env": env.name,
         "algorithm": "double DQN" if env.discrete_actions else "TD3",
         "config": {key: value for key, value in config.items()},
         "seed": seed,
@@ -198,12 +207,10 @@ def train_env(env_name: str, *, out_dir: str, seed: int = 0, num_timesteps: int 
         },
         "selection_epsilon": selection_epsilon,
         "final_episodes": final_episodes,
-        "return_floors": RETURN_FLOORS[env_name],
-        "paper_targets": PAPER_TARGETS[env_name],
+        "return_floors": paper.POLICY_RETURN_FLOORS[env.name],
+        "paper_targets": paper.POLICY_TARGETS[env.name],
         "train_seconds": round(train_s, 1),
-        "train_runs": previous.get("train_runs", [
-            {"agents": list(range(k + 1)), "seconds": previous.get("train_seconds"),
-             "steps": (previous.get("history") or [{}])[-1].get("step")}] if previous else []) + [
+        "train_runs": earlier_runs + [
             {"agents": indices, "seed": seed, "seconds": round(train_s, 1),
              "steps": history[-1]["step"] if history else 0, "resumed_from": resume}],
         "history": [{"step": h["step"], "elapsed_s": round(h["elapsed_s"], 1),
@@ -211,6 +218,50 @@ def train_env(env_name: str, *, out_dir: str, seed: int = 0, num_timesteps: int 
         "machine": "2 CPU cores (JAX on CPU)" if jax.default_backend() == "cpu"
                    else f"{jax.default_backend()}: {jax.devices()[0].device_kind}",
     }
+
+
+def train_env(env_name: str, *, out_dir: str, seed: int = 0, num_timesteps: int | None = None,
+              final_episodes: int | None = None, config: dict | None = None,
+              state_path: str | None = None, resume: str | None = None,
+              only: list[int] | None = None, progress: bool = True) -> dict:
+    """Trains, evaluates and saves the K pure policies and the test policy of
+    `env_name`. Returns the summary written to `<out_dir>/<env>.json`.
+
+    `final_episodes` defaults to the env's budget (`paper.POLICY_TRAINING`).
+    TD3 (continuous actions) writes the best actors to `out_dir` and the
+    training state to `state_path` whenever an agent improves, so that an
+    interrupted run keeps its progress (`resume` starts from such a state).
+    `only` (indices into `training_agents(env)`, K = the test policy)
+    retrains a subset of them from `resume`, each replacing its shipped
+    checkpoint only when it evaluates better; the others are kept as they are."""
+    env = envs.make(env_name)
+    k = len(env.policy_training_agents)
+    indices = list(range(k + 1)) if not only else sorted({int(i) for i in only})
+    if not all(0 <= i <= k for i in indices):
+        raise ValueError(f"--only takes indices in 0..{k} (K = {k} is the test policy); got {only}")
+    covariates = training_agents(env)[indices]
+    previous = policies.load_policy_info(env_name, out_dir) if only else {}
+    config, budget_episodes = trainer_config(env_name, num_timesteps, config)
+    final_episodes = budget_episodes if final_episodes is None else int(final_episodes)
+    bar, progress_fn = _progress(env_name, config["num_timesteps"], progress)
+    start = time.time()
+    key = jax.random.PRNGKey(seed)
+    if env.discrete_actions:
+        params, history = _train_dqn(env, covariates, key, indices, only=only, out_dir=out_dir,
+                                     seed=seed, final_episodes=final_episodes, config=config,
+                                     progress_fn=progress_fn)
+    else:
+        params, history = _train_td3(env, covariates, key, indices, only=only, out_dir=out_dir,
+                                     previous=previous, state_path=state_path, resume=resume,
+                                     config=config, progress_fn=progress_fn)
+    bar.close()
+    train_s = time.time() - start
+    selection_epsilon = float(config.get("eval_epsilon", 0.0))
+    returns, noisy = _final_evaluation(env, params, seed, final_episodes, selection_epsilon)
+    _save(env, params, out_dir)
+    summary = _summary(env, returns=returns, noisy=noisy, selection_epsilon=selection_epsilon,
+                       config=config, seed=seed, final_episodes=final_episodes, train_s=train_s,
+                       previous=previous, indices=indices, history=history, resume=resume)
     policies.save_policy_info(env_name, summary, out_dir)
     return summary
 
@@ -235,9 +286,7 @@ def _keep_better(env, shipped, trained, indices, covariates, key, num_episodes: 
 def main(argv):
     del argv
     summary = train_env(FLAGS.env, out_dir=FLAGS.out_dir, seed=FLAGS.seed,
-                        num_timesteps=FLAGS.num_timesteps,
-                        final_episodes=FLAGS.final_episodes or (5 if FLAGS.env == "halfcheetah"
-                                                                else 50),
+                        num_timesteps=FLAGS.num_timesteps, final_episodes=FLAGS.final_episodes,
                         config=json.loads(FLAGS.config) if FLAGS.config else None,
                         state_path=FLAGS.state_path, resume=FLAGS.resume,
                         only=[int(i) for i in FLAGS.only] if FLAGS.only else None)

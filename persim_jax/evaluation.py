@@ -1,6 +1,6 @@
 """MPC episodes: every (agent, episode) pair played out in one compiled program.
 
-    planner = planning.paper_planner(env)
+    planner = experiments.paper.planner(env)     # or planning.make_planner(config, env)
     returns = evaluation.run_episodes(
         key, planner, evaluation.simulator_dynamics_for_agent(simulator), env,
         env.test_agents, num_episodes=20)                      # (5, 20)
@@ -50,9 +50,12 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from persim_jax import planning
 from persim_jax.model import Simulator
-from persim_jax.policies import epsilon_mix, greedy_action
 
 DynamicsForAgent = Callable[[jax.Array, jax.Array], planning.Dynamics]
+# policy(key, obs (D,)) -> action (() int32 or (A,) float32): who acts in the
+# prediction protocol (the paper's test policy); a pytree callable so that its
+# parameters are arguments of the compiled program.
+Policy = Callable[[jax.Array, jax.Array], jax.Array]
 
 BATCH_AXIS = "episodes"
 
@@ -69,29 +72,46 @@ class SimulatorDynamicsForAgent:
     compiled program as arguments (not as baked-in constants).
 
     Attributes:
-      simulator: the trained `Simulator`.
+      simulator: the trained `Simulator` (or any ensemble with its
+        `predict` / `predict_members`).
       agent_ids: (A,) simulator agent index of each row of the covariates
         given to `run_episodes`, or None when row i is simulator agent i (the
         test agents are dataset units 0..4).
+      fold: plan on `planning.simulator_dynamics`, the forward pass with the
+        agent factor and the normalisation folded into the weights (faster;
+        equal to float32 rounding); False runs `Simulator.predict_members`
+        as it is (the prediction protocol's choice: its errors are the
+        model's own).
     """
 
     simulator: Any
     agent_ids: jax.Array | None = None
+    fold: bool = struct.field(pytree_node=False, default=True)
 
     def __call__(self, agent_index, covariates) -> planning.Dynamics:
         del covariates  # the simulator knows the agent by its id only
         agent = agent_index if self.agent_ids is None else self.agent_ids[agent_index]
-        return planning.simulator_dynamics(self.simulator, agent)
+        if self.fold:
+            return planning.simulator_dynamics(self.simulator, agent)
+        simulator = self.simulator
+
+        def dynamics(obs, action):
+            if obs.ndim == 3:
+                return simulator.predict_members(agent, obs, action)
+            return simulator.predict(agent, obs, action)
+
+        return dynamics
 
 
-def simulator_dynamics_for_agent(simulator, agent_ids: Sequence[int] | None = None
-                                 ) -> SimulatorDynamicsForAgent:
+def simulator_dynamics_for_agent(simulator, agent_ids: Sequence[int] | None = None, *,
+                                 fold: bool = True) -> SimulatorDynamicsForAgent:
     """`dynamics_for_agent` of a learned simulator (PerSim's planning).
 
     Args:
       simulator: a `persim_jax.Simulator`.
       agent_ids: simulator agent index of each evaluated agent (row of
         `covariates`); default: row i is agent i.
+      fold: see `SimulatorDynamicsForAgent`.
     """
     if agent_ids is not None:
         ids = np.asarray(agent_ids)
@@ -101,13 +121,13 @@ def simulator_dynamics_for_agent(simulator, agent_ids: Sequence[int] | None = No
             raise ValueError(f"agent_ids: must be in 0..{simulator.num_agents - 1}; got "
                              f"{ids.tolist()}")
         agent_ids = jnp.asarray(ids, jnp.int32)
-    return SimulatorDynamicsForAgent(simulator, agent_ids)
+    return SimulatorDynamicsForAgent(simulator, agent_ids, fold)
 
 
 @struct.dataclass
 class TrueEnvDynamicsForAgent:
     """Agent covariates -> the true env's dynamics with that agent's physics
-    (one member; see `planning.env_dynamics`, `planning.state_from_obs`).
+    (one member; see `planning.env_dynamics`, `HeterogeneousEnv.state_from_obs`).
 
     Equal for equal envs, so repeated `run_episodes` calls reuse one compiled
     program."""
@@ -230,7 +250,7 @@ def run_episodes(
 
     Args:
       key: PRNG key.
-      planner: a `planning.Planner` (e.g. `planning.paper_planner(env)`).
+      planner: a `planning.Planner` (e.g. `experiments.paper.planner(env)`).
       dynamics_for_agent: `(agent_index () int, covariates (P,)) -> dynamics`,
         e.g. `simulator_dynamics_for_agent(simulator)` or
         `true_env_dynamics_for_agent(env)`. Traced inside the program; array
@@ -298,11 +318,16 @@ def run_episodes(
 
 
 # ---------------------------------------------------------------------------
-# Prediction error (open loop, reference/original-code.md 5.2)
+# Prediction error (open loop; docs/design.md, the decisions table)
 #
 #     err = evaluation.prediction_error(key, simulator, env,
-#                                       policies.load_test_policy(env), env.test_agents)
+#                                       policies.test_policy(env), env.test_agents)
 #     err.summary()          # {"rmse": [5], "rmse_std": [5], "r2_mean": [5], "r2_median": [5]}
+#
+# The model is any `dynamics_for_agent` (a method's per-agent dynamics, the
+# contract of `run_episodes`) or a `Simulator`, whose own forward pass is then
+# used (`SimulatorDynamicsForAgent(fold=False)`). The acting policy is a
+# function `policy(key, obs)`, e.g. `experiments.datagen.policies.test_policy`.
 #
 # Episode e of covariate row a uses the key fold_in(fold_in(key, a), e), and
 # its step i the key fold_in(run key, i): an episode depends neither on
@@ -337,34 +362,37 @@ class PredictionError:
         return {name: [float(x) for x in values] for name, values in out.items()}
 
 
-def _prediction_episode(env, warmup, horizon, simulator, policy_params, agent_id, env_params,
-                        key, epsilon):
+def _num_members(dynamics, policy, obs) -> int:
+    """M of `dynamics`, from the shape it would return (nothing is computed)."""
+    action = jax.eval_shape(policy, jax.random.PRNGKey(0), obs)
+    out = jax.eval_shape(lambda o, a: dynamics(o[None], a[None]), obs,
+                         jax.ShapeDtypeStruct(action.shape, action.dtype))
+    return out.shape[0]
+
+
+def _prediction_episode(env, warmup, horizon, dynamics, policy, env_params, key):
     """One episode of one agent: (true (W, D), member predictions (M, W, D),
     valid (W,)) over the scored window, W = horizon + 1."""
     reset_key, run_key = jax.random.split(key)
     obs, state = env.reset(reset_key, env_params)
     obs = obs.astype(jnp.float32)
-    members = jnp.broadcast_to(obs, (simulator.ensemble_size, *obs.shape))
+    members = jnp.broadcast_to(obs, (_num_members(dynamics, policy, obs), *obs.shape))
 
-    def step(carry, inputs):
+    def step(carry, i):
+        """Produces state i + 1 and every member's prediction of it."""
         obs, state, members, alive = carry
-        i = inputs                                # this step produces state i + 1
-        mix_key, env_key = jax.random.split(jax.random.fold_in(run_key, i))
-        action = greedy_action(env, policy_params, obs)
-        action, _ = epsilon_mix(env, mix_key, action[None], epsilon)
-        action = action[0]
+        policy_key, env_key = jax.random.split(jax.random.fold_in(run_key, i))
+        action = policy(policy_key, obs)
         next_obs, state, _, terminated, _ = env.step_env(env_key, state, action, env_params)
         next_obs = next_obs.astype(jnp.float32)
         # Teacher forcing for the first `warmup` predictions, then each member's own open loop.
         source = jnp.where(i < warmup, jnp.broadcast_to(obs, members.shape), members)
-        members = simulator.predict_members(agent_id, source, action)
+        members = dynamics(source[:, None], action[None])[:, 0]
         valid = alive & (i + 1 <= env.max_episode_steps)   # state i + 1 exists
         return (next_obs, state, members, alive & ~terminated), (next_obs, members, valid)
 
-    steps = warmup + horizon
-    inputs = jnp.arange(steps)
     carry = (obs, state, members, jnp.array(True))
-    _, (true, predicted, valid) = jax.lax.scan(step, carry, inputs)
+    _, (true, predicted, valid) = jax.lax.scan(step, carry, jnp.arange(warmup + horizon))
     start = warmup - 1                            # scan output j is state j + 1
     return true[start:], jnp.moveaxis(predicted[start:], 0, 1), valid[start:]
 
@@ -383,48 +411,47 @@ def _episode_metrics(true, predicted, valid):
     return rmse, r2
 
 
-def _agent_episodes(env, warmup, horizon, num_episodes, simulator, policy_params, key, epsilon,
-                    row, agent_id, covariates):
+def _agent_episodes(env, warmup, horizon, num_episodes, dynamics_for_agent, policy, key,
+                    row, covariates):
     """Window arrays of E episodes of one agent (vmapped over episodes)."""
     env_params = env.covariates_to_params(covariates)
+    dynamics = dynamics_for_agent(row, covariates)
     agent_key = jax.random.fold_in(key, row)
     keys = jax.vmap(lambda e: jax.random.fold_in(agent_key, e))(jnp.arange(num_episodes))
-    return jax.vmap(lambda k: _prediction_episode(env, warmup, horizon, simulator,
-                                                  policy_params, agent_id, env_params, k,
-                                                  epsilon))(keys)
+    return jax.vmap(lambda k: _prediction_episode(env, warmup, horizon, dynamics, policy,
+                                                  env_params, k))(keys)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
-def _prediction_error_jit(env, warmup, horizon, num_episodes, simulator, policy_params,
-                          covariates, agent_ids, key, epsilon):
+def _prediction_error_jit(env, warmup, horizon, num_episodes, dynamics_for_agent, policy,
+                          covariates, key):
     """(A, E) RMSE and R²; agents one at a time (`lax.map`), episodes vmapped."""
     def agent(x):
-        windows = _agent_episodes(env, warmup, horizon, num_episodes, simulator, policy_params,
-                                  key, epsilon, *x)
+        windows = _agent_episodes(env, warmup, horizon, num_episodes, dynamics_for_agent, policy,
+                                  key, *x)
         true, members, valid = windows
         return jax.vmap(_episode_metrics)(true, members.mean(axis=1), valid)
 
     rows = jnp.arange(covariates.shape[0])
-    return jax.lax.map(agent, (rows, agent_ids, covariates))
+    return jax.lax.map(agent, (rows, covariates))
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2))
-def _prediction_trajectories_jit(env, warmup, horizon, simulator, policy_params, covariates,
-                                 agent_ids, key, epsilon):
+def _prediction_trajectories_jit(env, warmup, horizon, dynamics_for_agent, policy, covariates,
+                                 key):
     """Episode 0 of every agent: true (A, W, D), member mean (A, W, D), members
     (A, M, W, D), valid (A, W)."""
-    def agent(row, agent_id, cov):
-        windows = _agent_episodes(env, warmup, horizon, 1, simulator, policy_params, key,
-                                  epsilon, row, agent_id, cov)
+    def agent(row, cov):
+        windows = _agent_episodes(env, warmup, horizon, 1, dynamics_for_agent, policy, key,
+                                  row, cov)
         true, members, valid = jax.tree.map(lambda x: x[0], windows)
         return true, members.mean(axis=0), members, valid
 
-    return jax.vmap(agent)(jnp.arange(covariates.shape[0]), agent_ids, covariates)
+    return jax.vmap(agent)(jnp.arange(covariates.shape[0]), covariates)
 
 
-def _prediction_inputs(simulator, env, covariates, agent_ids, epsilon, allow_extrapolation,
-                       **counts):
-    """Validated (simulator, covariates, agent_ids, epsilon) for the programs."""
+def _prediction_inputs(model, env, covariates, agent_ids, allow_extrapolation, **counts):
+    """Validated (dynamics_for_agent, covariates) for the programs."""
     for name, value in counts.items():
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
             raise ValueError(f"{name}: must be a positive integer; got {value!r}")
@@ -432,6 +459,13 @@ def _prediction_inputs(simulator, env, covariates, agent_ids, epsilon, allow_ext
     if values.ndim != 2 or values.shape[0] < 1:
         raise ValueError(f"covariates: must have shape (A, {values.shape[-1]}) with A >= 1; "
                          f"got {values.shape}")
+    covariates = jnp.asarray(values, jnp.float32)
+    if not hasattr(model, "predict_members"):         # a method's dynamics_for_agent
+        if agent_ids is not None:
+            raise ValueError("agent_ids: only for a Simulator; a dynamics_for_agent maps rows "
+                             "to agents itself")
+        return model, covariates
+    simulator = model
     if simulator.obs_dim != env.obs_dim:
         raise ValueError(f"simulator: predicts {simulator.obs_dim}-d states; {env.name} has "
                          f"{env.obs_dim}")
@@ -446,62 +480,58 @@ def _prediction_inputs(simulator, env, covariates, agent_ids, epsilon, allow_ext
     if ids.min() < 0 or ids.max() >= simulator.num_agents:
         raise ValueError(f"agent_ids: must be in 0..{simulator.num_agents - 1}; got "
                          f"{ids.tolist()}")
-    if epsilon is None:
-        epsilon = 0.01 if env.discrete_actions else 0.0
-    if not 0.0 <= float(epsilon) <= 1.0:
-        raise ValueError(f"epsilon: must be in [0, 1]; got {epsilon!r}")
     # Static fields that do not change the computation: dropped so that they
     # do not make a new compiled program.
     if isinstance(simulator, Simulator):
         simulator = simulator.replace(rank_losses=None, agent_keys=None)
-    return (simulator, jnp.asarray(values, jnp.float32), jnp.asarray(ids, jnp.int32),
-            jnp.float32(epsilon))
+    return (SimulatorDynamicsForAgent(simulator, jnp.asarray(ids, jnp.int32), fold=False),
+            covariates)
 
 
-def prediction_error(key: jax.Array, simulator, env, policy_params, covariates, agent_ids=None,
+def prediction_error(key: jax.Array, model, env, policy: Policy, covariates, agent_ids=None,
                      *, num_episodes: int = 200, warmup: int = 10, horizon: int = 50,
-                     epsilon: float | None = None, allow_extrapolation: bool = False
-                     ) -> PredictionError:
-    """The paper's open-loop prediction error (reference/original-code.md 5.2).
+                     allow_extrapolation: bool = False) -> PredictionError:
+    """The paper's open-loop prediction error (docs/design.md).
 
-    Per agent, E episodes of the test policy acting on the true observation
-    (ε-greedy) in the true env with the agent's physics, warmup + horizon
-    steps. Each member predicts one step from the true state for the first
-    `warmup` steps, then runs its own open loop on its predictions with the
-    true actions; the ensemble prediction is the member mean. Scored: states
-    warmup..warmup + horizon (the first a one-step prediction), up to the
-    episode's termination (terminal state included). All agents and episodes
-    run in one compiled program.
+    Per agent, E episodes of `policy` acting on the true observation in the
+    true env with the agent's physics, warmup + horizon steps. Each member
+    predicts one step from the true state for the first `warmup` steps, then
+    runs its own open loop on its predictions with the true actions; the
+    ensemble prediction is the member mean. Scored: states warmup..warmup +
+    horizon (the first a one-step prediction), up to the episode's
+    termination (terminal state included). All agents and episodes run in one
+    compiled program.
 
     Args:
       key: PRNG key; episode e of row a uses fold_in(fold_in(key, a), e).
-      simulator: a `persim_jax.Simulator`.
+      model: a `persim_jax.Simulator` (or an ensemble with its
+        `predict_members`), or a method's `dynamics_for_agent(row, covariates
+        (P,)) -> dynamics(obs (M, B, D), action (B, ...)) -> (M, B, D)`.
       env: the environment.
-      policy_params: ONE policy (`policies.load_test_policy(env)`).
+      policy: `policy(key, obs (D,)) -> action`, ONE policy for every agent
+        (the paper's test policy: `experiments.datagen.policies.test_policy`).
       covariates: (A, P) the agents' covariates (their true physics).
-      agent_ids: (A,) simulator agent index of each row; default 0..A-1.
+      agent_ids: (A,) simulator agent index of each row (a Simulator only);
+        default 0..A-1.
       num_episodes: E episodes per agent.
       warmup: teacher-forced steps before the window (≥ 1).
       horizon: open-loop steps scored after the first one (window horizon + 1).
-      epsilon: probability of a random action; default 0.01 for discrete
-        actions (the authors' test DQNs), 0 for continuous.
       allow_extrapolation: accept covariates outside the paper's ranges.
 
     Returns:
       `PredictionError` with (A, E) float64 `rmse` and `r2`.
     """
-    simulator, values, ids, eps = _prediction_inputs(
-        simulator, env, covariates, agent_ids, epsilon, allow_extrapolation,
+    dynamics_for_agent, values = _prediction_inputs(
+        model, env, covariates, agent_ids, allow_extrapolation,
         num_episodes=num_episodes, warmup=warmup, horizon=horizon)
     rmse, r2 = _prediction_error_jit(env, int(warmup), int(horizon), int(num_episodes),
-                                     simulator, policy_params, values, ids, key, eps)
+                                     dynamics_for_agent, policy, values, key)
     return PredictionError(rmse=np.asarray(rmse, np.float64), r2=np.asarray(r2, np.float64))
 
 
-def prediction_trajectories(key: jax.Array, simulator, env, policy_params, covariates,
+def prediction_trajectories(key: jax.Array, model, env, policy: Policy, covariates,
                             agent_ids=None, *, warmup: int = 10, horizon: int = 50,
-                            epsilon: float | None = None, allow_extrapolation: bool = False
-                            ) -> dict[str, np.ndarray]:
+                            allow_extrapolation: bool = False) -> dict[str, np.ndarray]:
     """One episode per agent of `prediction_error`'s protocol, for plots: the
     same episode as its episode 0 for the same key (arguments as there).
 
@@ -510,10 +540,9 @@ def prediction_trajectories(key: jax.Array, simulator, env, policy_params, covar
       (A, M, W, D), "valid": (A, W) bool}, W = horizon + 1 scored states;
       invalid states (after termination) are kept as computed, not NaN.
     """
-    simulator, values, ids, eps = _prediction_inputs(
-        simulator, env, covariates, agent_ids, epsilon, allow_extrapolation,
-        warmup=warmup, horizon=horizon)
+    dynamics_for_agent, values = _prediction_inputs(
+        model, env, covariates, agent_ids, allow_extrapolation, warmup=warmup, horizon=horizon)
     true, predicted, members, valid = _prediction_trajectories_jit(
-        env, int(warmup), int(horizon), simulator, policy_params, values, ids, key, eps)
+        env, int(warmup), int(horizon), dynamics_for_agent, policy, values, key)
     return {"true": np.asarray(true), "predicted": np.asarray(predicted),
             "members": np.asarray(members), "valid": np.asarray(valid, bool)}

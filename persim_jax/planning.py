@@ -109,7 +109,7 @@ def _check_positive(config, *names) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class RandomShootingConfig:
-    """Random shooting for discrete actions (DESIGN.md decisions table).
+    """Random shooting for discrete actions (docs/design.md, decisions table).
 
     Attributes:
       num_actions: number of discrete actions; candidates are uniform on
@@ -161,7 +161,7 @@ class RandomShootingConfig:
 
 @dataclasses.dataclass(frozen=True)
 class CEMConfig:
-    """Cross-entropy method for continuous actions in a box (DESIGN.md).
+    """Cross-entropy method for continuous actions in a box (docs/design.md).
 
     Attributes:
       action_dim: A.

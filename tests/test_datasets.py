@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 
 import envs
-from persim_jax import data, datasets, policies
+from experiments.datagen import datasets, policies
+from persim_jax import data
 
 NUM_AGENTS = 20
 

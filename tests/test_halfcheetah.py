@@ -20,7 +20,7 @@ from envs.halfcheetah import HalfCheetah
 REFERENCE_AGENTS = ((0.2, 0.2), (0.2, 1.8), (1.8, 0.2), (1.8, 1.8), (1.0, 1.0))
 NUM_REFERENCE_STEPS = 100
 NUM_BATCH_AGENTS = 500
-# gym's masses after settotalmass=14 (reference/original-code.md 1.3) and dof dampings.
+# gym's masses after settotalmass=14 (docs/authors-code.md 1.3) and dof dampings.
 GYM_BODY_MASS = np.array([0.0, 6.2502, 1.5435, 1.5874, 1.0954, 1.4381, 1.2008, 0.8845])
 GYM_DOF_DAMPING = np.array([0.0, 0.0, 0.0, 6.0, 4.5, 3.0, 4.5, 3.0, 1.5])
 

@@ -16,7 +16,7 @@ from persim_jax import model
 from persim_jax.model import ModelConfig, Simulator
 
 
-# Parameter counts of the authors' PyTorch models (reference/original-code.md §3.2).
+# Parameter counts of the authors' PyTorch models (docs/authors-code.md §3.2).
 @pytest.mark.parametrize("config,expected", [
     (ModelConfig(num_agents=500, obs_dim=2, rank=3, num_actions=3), 3825),
     (ModelConfig(num_agents=500, obs_dim=4, rank=5, num_actions=2), 8940),

@@ -16,10 +16,10 @@ import numpy as np
 import pytest
 
 import envs
-from experiments import train_policies
-from persim_jax import dqn, policies
+from experiments import paper, train_policies
+from experiments.datagen import dqn, policies
 
-FLOORS = train_policies.RETURN_FLOORS
+FLOORS = paper.POLICY_RETURN_FLOORS
 
 HALFCHEETAH_SHIPPED = os.path.exists(policies.policy_path("halfcheetah", "test"))
 needs_halfcheetah = pytest.mark.skipif(

@@ -1,5 +1,5 @@
 """The open-loop prediction-error protocol (`evaluation.prediction_error`,
-reference/original-code.md 5.2).
+docs/authors-code.md 5.2).
 
 Several tests use `TrueDynamics`, a simulator-like pytree whose members step
 the true env (plus a per-member offset): with zero offset every prediction is
@@ -22,7 +22,8 @@ from flax import struct
 from sklearn.metrics import r2_score
 
 import envs
-from persim_jax import evaluation, planning, policies
+from experiments.datagen import policies
+from persim_jax import evaluation
 from persim_jax.model import ModelConfig
 
 
@@ -47,14 +48,21 @@ class TrueDynamics:
     def ensemble_size(self):
         return self.bias.shape[0]
 
+    def predict(self, agent_id, obs, action):
+        """obs (B, D), action (B,) -> (M, B, D), as `Simulator.predict`."""
+        return self.predict_members(
+            agent_id, jnp.broadcast_to(obs, (self.ensemble_size, *obs.shape)), action)
+
     def predict_members(self, agent_id, obs, action):
+        """obs (M, B, D), action (B,) -> (M, B, D), as `Simulator.predict_members`."""
         params = self.env.covariates_to_params(self.covariates[agent_id])
 
-        def one(o):
-            state = planning.state_from_obs(self.env, o)
-            return self.env.step_env(jax.random.PRNGKey(0), state, action, params)[0]
+        def one(o, a):
+            state = self.env.state_from_obs(o)
+            return self.env.step_env(jax.random.PRNGKey(0), state, a, params)[0]
 
-        return jax.vmap(one)(obs).astype(jnp.float32) + self.bias
+        members = jax.vmap(lambda o: jax.vmap(one)(o, action))(obs)
+        return members.astype(jnp.float32) + self.bias[:, None]
 
 
 def true_dynamics(env, covariates, bias):
@@ -78,13 +86,13 @@ def reference_metrics(true, predicted, valid):
 @pytest.fixture(scope="module")
 def mountaincar():
     env = envs.make("mountaincar")
-    return env, policies.load_test_policy(env)
+    return env, policies.test_policy(env)
 
 
 @pytest.fixture(scope="module")
 def cartpole():
     env = envs.make("cartpole")
-    return env, policies.load_test_policy(env)
+    return env, policies.test_policy(env)
 
 
 def test_exact_simulator_has_zero_error(mountaincar):
@@ -128,7 +136,8 @@ def test_metrics_and_open_loop_match_a_recomputation(mountaincar, mountaincar_fi
     env, policy = mountaincar
     simulator, _ = mountaincar_fit
     key, agents, ids = jax.random.PRNGKey(5), env.test_agents[[1, 3]], [1, 3]
-    kw = dict(warmup=4, horizon=12, epsilon=0.0)
+    policy = policies.test_policy(env, epsilon=0.0)
+    kw = dict(warmup=4, horizon=12)
     traj = evaluation.prediction_trajectories(key, simulator, env, policy, agents, ids, **kw)
     assert traj["true"].shape == traj["predicted"].shape == (2, 13, 2)
     assert traj["members"].shape == (2, 3, 13, 2) and traj["valid"].shape == (2, 13)
@@ -146,14 +155,14 @@ def test_metrics_and_open_loop_match_a_recomputation(mountaincar, mountaincar_fi
     # warmup - 1 (the same episode played with one warm-up step less), then
     # each member's own open loop under the policy's actions (ε = 0).
     earlier = evaluation.prediction_trajectories(key, simulator, env, policy, agents, ids,
-                                                 warmup=3, horizon=13, epsilon=0.0)
+                                                 warmup=3, horizon=13)
     np.testing.assert_allclose(earlier["true"][:, 1:], traj["true"], rtol=1e-6)
     for a in range(2):
         previous = earlier["true"][a, 0]
-        action = policies.greedy_action(env, policy, jnp.asarray(previous))
+        action = policies.greedy_action(env, policy.params, jnp.asarray(previous))
         first = simulator.predict(ids[a], previous, action)
         np.testing.assert_allclose(traj["members"][a, :, 0], first, rtol=1e-5, atol=1e-7)
-        actions = policies.greedy_action(env, policy, jnp.asarray(traj["true"][a, :-1]))
+        actions = policies.greedy_action(env, policy.params, jnp.asarray(traj["true"][a, :-1]))
         steps = simulator.predict_members(ids[a], traj["members"][a, :, :-1], actions)
         np.testing.assert_allclose(traj["members"][a, :, 1:], steps, rtol=1e-5, atol=1e-7)
     # ... whereas `earlier` runs open loop from there: not the same predictions.
@@ -162,7 +171,9 @@ def test_metrics_and_open_loop_match_a_recomputation(mountaincar, mountaincar_fi
 
 def test_states_after_termination_are_not_scored(cartpole):
     env, _ = cartpole
-    policy = policies.init_policy(env, jax.random.PRNGKey(0))   # drops the pole quickly
+    # An untrained network drops the pole quickly.
+    policy = policies.EpsilonGreedyPolicy(policies.init_policy(env, jax.random.PRNGKey(0)),
+                                          jnp.float32(0.01), env)
     agents = np.array([[2.0, 0.5], [18.0, 0.15]])
     sim = true_dynamics(env, agents, [[0.01, 0.0, 0.02, 0.0], [0.0, -0.02, 0.0, 0.01]])
     key, kw = jax.random.PRNGKey(2), dict(warmup=3, horizon=40)
@@ -201,8 +212,8 @@ def test_summary_ignores_undefined_episodes():
 def test_repeated_calls_do_not_recompile(mountaincar):
     env, policy = mountaincar
     run = lambda key, bias, eps: evaluation.prediction_error(
-        key, true_dynamics(env, env.test_agents, bias), env, policy, env.test_agents[:2],
-        num_episodes=2, warmup=2, horizon=3, epsilon=eps)
+        key, true_dynamics(env, env.test_agents, bias), env, policies.test_policy(env, epsilon=eps),
+        env.test_agents[:2], num_episodes=2, warmup=2, horizon=3)
     run(jax.random.PRNGKey(0), np.zeros((2, 2)), None)
     size = evaluation._prediction_error_jit._cache_size()
     run(jax.random.PRNGKey(1), np.ones((2, 2)), 0.5)
@@ -221,11 +232,12 @@ def test_input_validation(mountaincar, cartpole):
         (dict(agent_ids=[0, 1, 2, 3, 5]), "agent_ids"),
         (dict(agent_ids=[0, 1, 2, 3, -1]), "agent_ids"),
         (dict(agent_ids=[0, 1]), "agent_ids"),
-        (dict(epsilon=1.5), "epsilon"),
     ]
     for kwargs, match in cases:
         with pytest.raises(ValueError, match=match):
             evaluation.prediction_error(key, sim, env, policy, agents, **kwargs)
+    with pytest.raises(ValueError, match="epsilon"):
+        policies.test_policy(env, epsilon=1.5)
     with pytest.raises(ValueError, match="covariates"):
         evaluation.prediction_error(key, sim, env, policy, agents[:, :, None])
     with pytest.raises(ValueError):

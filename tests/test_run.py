@@ -6,6 +6,7 @@ exits non-zero with one clear line and no output written."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -54,7 +55,8 @@ def check_results(results, out_dir, env, dataset):
     return stored
 
 
-def test_cartpole_end_to_end_and_rerun_skips(tmp_path, capsys):
+def test_cartpole_end_to_end_and_rerun_skips(tmp_path, caplog):
+    caplog.set_level(logging.INFO)
     out_dir, data_dir = str(tmp_path / "out"), str(tmp_path / "data")
     settings = run.resolve_settings("cartpole", "pure", "quick", TINY)
     results = run.run_pipeline("cartpole", "pure", settings, preset="quick", seed=0,
@@ -65,11 +67,12 @@ def test_cartpole_end_to_end_and_rerun_skips(tmp_path, capsys):
     # Returns are CartPole's: one per step survived, at most max_steps.
     returns = np.asarray(stored["reward"]["persim"]["returns"])
     assert np.all((returns >= 1) & (returns <= 12))
-    capsys.readouterr()
+    caplog.clear()
 
     again = run.run_pipeline("cartpole", "pure", settings, preset="quick", seed=0,
                              out_dir=out_dir, data_dir=data_dir)
-    printed = capsys.readouterr().out
+    printed = caplog.text
+    caplog.clear()
     assert "reusing" in printed and "[train] trial 0: reusing" in printed
     assert again["prediction"] == results["prediction"]
     assert again["reward"] == results["reward"]
@@ -78,7 +81,7 @@ def test_cartpole_end_to_end_and_rerun_skips(tmp_path, capsys):
     changed = run.resolve_settings("cartpole", "pure", "quick", dict(TINY, candidates=8))
     third = run.run_pipeline("cartpole", "pure", changed, preset="quick", seed=0,
                              out_dir=out_dir, data_dir=data_dir)
-    printed = capsys.readouterr().out
+    printed = caplog.text
     assert "[train] trial 0: reusing" in printed and "[prediction] reusing" in printed
     assert "[reward] reusing" not in printed
     assert third["config"]["planner"]["num_candidates"] == 8
@@ -89,7 +92,7 @@ def test_halfcheetah_end_to_end(tmp_path):
     settings = run.resolve_settings("halfcheetah", "random", "quick",
                                     dict(TINY, num_agents=8, candidates=8, horizon=3,
                                          cem_rounds=1, cem_elites=3, max_steps=4))
-    assert settings["true_env_mpc"] is False          # the quick preset's choice for MJX
+    assert settings.true_env_mpc is False          # the quick preset's choice for MJX
     results = run.run_pipeline("halfcheetah", "random", settings, preset="quick", seed=0,
                                out_dir=out_dir, data_dir=data_dir)
     stored = check_results(results, out_dir, "halfcheetah", "random")
@@ -161,15 +164,15 @@ def test_cli_rejects_nan_dataset_without_output(tmp_path):
 
 def test_settings_follow_the_envs_normalisation_and_schedule():
     cartpole = run.resolve_settings("cartpole", "pure", "quick")
-    assert cartpole["standardize"] is False                 # the authors' raw CartPole
-    assert cartpole["lr_halving_epochs"] == 50 and cartpole["batch_size"] == 64
-    assert run.resolve_settings("cartpole", "pure", "paper")["batch_size"] == 64
-    assert run.resolve_settings("mountaincar", "pure", "paper")["batch_size"] == 32
-    assert run.resolve_settings("halfcheetah", "pure", "paper")["batch_size"] == 256
-    assert run.resolve_settings("halfcheetah", "random", "paper")["standardize"] is True
-    assert run.resolve_settings("mountaincar", "random", "paper")["lr_halving_epochs"] == 150
+    assert cartpole.standardize is False                    # the authors' raw CartPole
+    assert cartpole.lr_halving_epochs == 50 and cartpole.batch_size == 64
+    assert run.resolve_settings("cartpole", "pure", "paper").batch_size == 64
+    assert run.resolve_settings("mountaincar", "pure", "paper").batch_size == 32
+    assert run.resolve_settings("halfcheetah", "pure", "paper").batch_size == 256
+    assert run.resolve_settings("halfcheetah", "random", "paper").standardize is True
+    assert run.resolve_settings("mountaincar", "random", "paper").lr_halving_epochs == 150
     overridden = run.resolve_settings("cartpole", "pure", "quick",
                                       dict(standardize=True, lr_halving_epochs=0))
-    assert overridden["standardize"] is True and overridden["lr_halving_epochs"] is None
+    assert overridden.standardize is True and overridden.lr_halving_epochs is None
     with pytest.raises(run.UserError, match="lr_halving_epochs"):
         run.resolve_settings("cartpole", "pure", "quick", dict(lr_halving_epochs=-1))

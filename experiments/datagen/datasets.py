@@ -33,12 +33,15 @@ import hashlib
 import json
 import os
 import time
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 import envs
-from persim_jax import data, policies
+from experiments import paper
+from experiments.datagen import policies
+from persim_jax import data
 
 DATASETS = ("pure", "random", "pure_eps20", "pure_eps40")
 EPSILON = {"pure": 0.0, "random": 1.0, "pure_eps20": 0.2, "pure_eps40": 0.4}
@@ -46,34 +49,11 @@ NUM_AGENTS = 500
 DEFAULT_DATA_DIR = "data"
 METADATA_VERSION = 1
 
-# Paper, Table 8: observed return of the 5 test agents, mean return and mean
-# trajectory length over the 500 agents (also in shared/reference/paper_tables.json).
-PAPER_TABLE8 = {
-    "mountaincar": {
-        "pure": ([-48.0, -50.0, -57.0, -171.0, -134.0], -112.926, 113.914),
-        "random": ([-500.0, -500.0, -500.0, -500.0, -500.0], -496.324, 496.344),
-        "pure_eps20": ([-46.0, -54.0, -73.0, -165.0, -140.0], -155.252, 156.214),
-        "pure_eps40": ([-55.0, -64.0, -500.0, -264.0, -208.0], -227.278, 228.18),
-    },
-    "cartpole": {
-        "pure": ([184.0, 200.0, 196.0, 177.0, 200.0], 187.12, 187.12),
-        "random": ([54.0, 12.0, 25.0, 22.0, 11.0], 23.67, 23.67),
-        "pure_eps20": ([190.0, 200.0, 196.0, 200.0, 41.0], 155.202, 155.202),
-        "pure_eps40": ([24.0, 92.0, 181.0, 19.0, 9.0], 94.64, 94.64),
-    },
-    "halfcheetah": {
-        "pure": ([522.4, 1246.32, 251.25, 2646.85, 1011.99], 1894.1, 1000.0),
-        "random": ([-395.58, -65.77, -106.8, -150.01, -323.86], -251.75, 1000.0),
-        "pure_eps20": ([399.95, 938.58, 189.17, 1742.85, 1137.45], 1121.52, 1000.0),
-        "pure_eps40": ([508.11, -115.94, 128.64, 1155.23, 216.69], 771.71, 1000.0),
-    },
-}
-
 
 def paper_stats(env_name: str, dataset: str) -> dict:
-    """The paper's Table 8 row: `test_agent_return` [5], `mean_return`, `mean_length`."""
-    test, mean_return, mean_length = PAPER_TABLE8[env_name][dataset]
-    return {"test_agent_return": list(test), "mean_return": mean_return, "mean_length": mean_length}
+    """The paper's Table 8 row: `test_agent_return` [5], `mean_return`,
+    `mean_length` (from `experiments.paper`, the project's one copy)."""
+    return paper.paper_rows(env_name, dataset)["dataset_stats"]
 
 
 def _check(env_name: str, dataset: str) -> None:
@@ -230,7 +210,7 @@ def generate(env_name: str, dataset: str, *, seed: int = 0, num_agents: int = NU
     """Generates one dataset (nothing read from or written to the cache).
 
     Args:
-      env_name: "mountaincar", "cartpole" or "halfcheetah".
+      env_name: one of `envs.ENV_NAMES`.
       dataset: one of DATASETS.
       seed: seeds the agents (`sample_agents`), resets and exploration.
       num_agents: N (the paper: 500); units 0..4 are the test agents.

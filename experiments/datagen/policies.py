@@ -3,14 +3,15 @@
 The paper's offline data are logged by "pure" policies, one trained online on
 each policy-training agent of Table 1, and its prediction-error protocol
 rolls out one "test" policy trained on the default agent. The networks are
-those of the authors' test policies (reference/original-code.md 5.1):
+those of the authors' test policies (docs/authors-code.md 5.1):
 
   * discrete envs (DQN): `QNetwork`, obs -> 256 -> ReLU -> 256 -> ReLU -> nA;
   * HalfCheetah (TD3): `Actor`, obs -> 256 -> ReLU -> 256 -> ReLU -> A -> tanh.
 
 A policy is a pytree of flax params; several policies of one env stack on a
 leading axis (K, ...), so that one `vmap` evaluates all of them. Trainers live
-in `persim_jax.dqn` and `persim_jax.td3`.
+in `experiments.datagen.dqn` and `experiments.datagen.td3`. The prediction
+protocol's acting policy is `test_policy(env)`, an `EpsilonGreedyPolicy`.
 
 Checkpoints are small msgpack files (`flax.serialization`), one per policy:
 `<dir>/<env>_pure_<k>.msgpack` (k indexes `env.policy_training_agents`) and
@@ -30,14 +31,15 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import serialization
+from flax import serialization, struct
 
 from persim_jax.data import atomic_write
 
 Params = Any
 
+# experiments/policies/, beside this package.
 DEFAULT_POLICY_DIR = os.path.join(
-    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments", "policies")
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "policies")
 
 POLICY_KINDS = ("pure", "test")
 
@@ -142,6 +144,22 @@ def epsilon_mix(env, key: jax.Array, action: jax.Array, epsilon) -> tuple[jax.Ar
     random = random_action(env, action_key, batch_shape)
     mask = explore if env.discrete_actions else explore[:, None]
     return jnp.where(mask, random, action), explore
+
+
+@struct.dataclass
+class EpsilonGreedyPolicy:
+    """policy(key, obs (D,)) -> action (() int32 or (A,) float32): the greedy action of `params`,
+    replaced by a uniformly random one with probability epsilon. A pytree: params are traced
+    arguments of a compiled program, env is static."""
+
+    params: Any
+    epsilon: jax.Array           # () float32
+    env: Any = struct.field(pytree_node=False)
+
+    def __call__(self, key: jax.Array, obs: jax.Array) -> jax.Array:
+        action = greedy_action(self.env, self.params, obs)
+        action, _ = epsilon_mix(self.env, key, action[None], self.epsilon)
+        return action[0]
 
 
 def hidden_sizes(params: Params) -> tuple[int, ...]:
@@ -276,6 +294,17 @@ def load_test_policy(env, directory=None) -> Params:
     return load_params(policy_path(env.name, "test", directory=directory))
 
 
+def test_policy(env, directory=None, epsilon=None) -> EpsilonGreedyPolicy:
+    """The paper's test policy of `env` (the prediction protocol's acting policy): epsilon default
+    0.01 for discrete actions (the authors' test DQNs), 0 for continuous; ValueError outside [0, 1]."""
+    if epsilon is None:
+        epsilon = 0.01 if env.discrete_actions else 0.0
+    if not 0.0 <= float(epsilon) <= 1.0:
+        raise ValueError(f"epsilon: must be in [0, 1]; got {epsilon!r}")
+    return EpsilonGreedyPolicy(params=load_test_policy(env, directory),
+                               epsilon=jnp.float32(epsilon), env=env)
+
+
 def save_policy_info(env_name: str, info: dict, directory=None) -> str:
     """Writes `<dir>/<env>.json` (agents, returns reached, budget) atomically,
     merging into an existing file's top-level keys."""
@@ -305,3 +334,11 @@ def stack(trees: Sequence[Params]) -> Params:
 def unstack(tree: Params, index: int) -> Params:
     """Policy `index` of a stack."""
     return jax.tree.map(lambda x: x[index], tree)
+
+
+def select(mask, new: Params, old: Params) -> Params:
+    """Two stacks of K policies merged: policy k of `new` where mask[k] (K,)
+    bool, else policy k of `old`."""
+    mask = jnp.asarray(mask)
+    return jax.tree.map(
+        lambda a, b: jnp.where(mask.reshape((-1,) + (1,) * (a.ndim - 1)), a, b), new, old)
