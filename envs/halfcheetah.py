@@ -7,7 +7,7 @@ reimplementation of its pipeline in JAX (collision, the Newton constraint
 solver and Euler integration are JAX code, not calls into the C library), so
 `step` is jittable and `jax.vmap(env.step)` steps many cheetahs at once.
 
-Choices, after the authors' code (`reference/original-code.md` 1.3):
+Choices, after the authors' code (`docs/authors-code.md` 1.3):
 
 - Heterogeneity: agent (mass_scale m, damping_scale d) multiplies the mass of
   every body by m and the damping of every dof by d. Nothing else changes:
