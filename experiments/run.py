@@ -40,6 +40,7 @@ import contextlib
 import dataclasses
 import hashlib
 import json
+import logging as std_logging
 import os
 import shutil
 import sys
@@ -155,8 +156,8 @@ def _digest(payload) -> str:
 
 
 def _say(message: str) -> None:
-    """A progress line of the pipeline (absl logging, INFO)."""
-    logging.info("%s", message)
+    """A progress line of the pipeline (absl logging, INFO, at the caller's line)."""
+    logging.info("%s", message, stacklevel=2)
 
 
 # ---------------------------------------------------------------------------
@@ -605,11 +606,18 @@ def run_pipeline(env_name: str | None, dataset: str, config: RunConfig, *, prese
 
 
 def _show_progress() -> None:
-    """Our progress lines at INFO; orbax's INFO lines (one per checkpoint) hidden."""
+    """Our progress lines at INFO; the libraries' INFO lines (orbax logs every
+    checkpoint) hidden unless --verbosity is given."""
     if not FLAGS["verbosity"].present:
         logging.set_verbosity(logging.INFO)
+        import persim_jax
+
+        ours = tuple(os.path.dirname(os.path.abspath(module.__file__)) + os.sep
+                     for module in (persim_jax, envs, paper))
+        # Python's level numbers: absl's logging.WARNING is on its own scale (-1).
         logging.get_absl_handler().addFilter(
-            lambda record: record.levelno >= logging.WARNING or "orbax" not in record.pathname)
+            lambda record: (record.levelno >= std_logging.WARNING
+                            or os.path.abspath(record.pathname).startswith(ours)))
 
 
 def main(argv):

@@ -86,6 +86,15 @@ def test_cartpole_end_to_end_and_rerun_skips(tmp_path, caplog):
     assert "[reward] reusing" not in printed
     assert third["config"]["planner"]["num_candidates"] == 8
 
+    # A method's numbers do not depend on which other methods ran beside it:
+    # PerSim alone, everything recomputed, gives the same rows.
+    alone = run.resolve_settings("cartpole", "pure", "quick", dict(TINY, true_env_mpc=False))
+    fourth = run.run_pipeline("cartpole", "pure", alone, preset="quick", seed=0,
+                              out_dir=str(tmp_path / "alone"), data_dir=data_dir, force=True)
+    assert fourth["config"]["methods"] == ["persim"]
+    assert fourth["methods"]["persim"] == results["methods"]["persim"]
+    assert fourth["reward"]["persim"] == results["reward"]["persim"]
+
 
 def test_halfcheetah_end_to_end(tmp_path):
     out_dir, data_dir = str(tmp_path / "out"), str(tmp_path / "data")
