@@ -29,7 +29,8 @@ PLANNER_FIELDS = {
 }
 
 _POSITIVE = ("trials", "num_agents", "ensemble_size", "epochs", "batch_size", "episodes",
-             "prediction_episodes", "candidates", "horizon", "cem_elites", "max_steps")
+             "prediction_episodes", "candidates", "horizon", "cem_elites", "max_steps",
+             "bcq_iterations", "policy_episodes")
 
 
 class UserError(Exception):
@@ -54,6 +55,12 @@ class RunConfig:
       true_env_mpc: also plan on the true physics (the upper-bound row).
       candidates, horizon, cem_rounds, cem_elites, aggregation, discount:
         planner overrides (see PLANNER_FIELDS).
+      methods: the compared methods' names (`experiments.run.METHODS`, or
+        "all"; PerSim always runs); None: PerSim, and True env + MPC when
+        `true_env_mpc`.
+      bcq_iterations: gradient steps of the BCQ baselines (paper: 5.5e5).
+      policy_episodes: episodes per test agent of the model-free methods
+        (paper: 100).
     """
 
     trials: int
@@ -77,8 +84,13 @@ class RunConfig:
     cem_elites: int | None = None
     aggregation: str | None = None
     discount: float | None = None
+    methods: tuple[str, ...] | None = None
+    bcq_iterations: int | None = None
+    policy_episodes: int | None = None
 
     def __post_init__(self):
+        if self.methods is not None:
+            object.__setattr__(self, "methods", tuple(str(m) for m in self.methods))
         if self.rank != "auto":
             object.__setattr__(self, "rank", _positive_int("rank", self.rank))
         object.__setattr__(self, "state_hidden",
@@ -109,6 +121,18 @@ class RunConfig:
                 action_hidden=self.action_hidden, standardize=self.standardize)
         except ValueError as error:
             raise UserError(f"training settings: {error}") from None
+
+    def method_names(self, available: tuple[str, ...]) -> tuple[str, ...]:
+        """The methods this run compares, in `available`'s order. PerSim
+        always runs: the run's factors, figures and report are about it."""
+        if self.methods is None:
+            return ("persim", "true_env_mpc") if self.true_env_mpc else ("persim",)
+        names = available if "all" in self.methods else self.methods
+        unknown = [name for name in names if name not in available]
+        if unknown:
+            raise UserError(f"--methods: unknown {', '.join(unknown)}; valid: "
+                            f"{', '.join(available)}, or all")
+        return tuple(name for name in available if name in names or name == "persim")
 
     def planner_fields(self, discrete: bool) -> dict[str, Any]:
         """The planner fields this run overrides, for discrete or continuous

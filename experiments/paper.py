@@ -80,9 +80,12 @@ TRAINING = {
 # The paper's protocol (section 6, appendix D/E): 500 agents, 5 trials of
 # M = 5 members trained 300 epochs (Adam 1e-3 halved at 150), 20 MPC episodes
 # per test agent and trial, 200 prediction episodes.
+# The model-free baselines (appendix D.2): BCQ trains 5.5e5 iterations and
+# plays 100 episodes per test agent.
 PAPER_PROTOCOL = dict(trials=5, num_agents=500, ensemble_size=5, epochs=300, batch_size=256,
                       learning_rate=1e-3, lr_halving_epochs=150, episodes=20, max_steps=None,
-                      prediction_episodes=200, true_env_mpc=True)
+                      prediction_episodes=200, true_env_mpc=True, bcq_iterations=550_000,
+                      policy_episodes=100)
 
 # quick: each env × dataset in ≤ 10 min (CartPole, MountainCar) / ≤ 20 min
 # (HalfCheetah) on 2 CPU cores, generation of the dataset included. Smaller
@@ -93,12 +96,12 @@ PAPER_PROTOCOL = dict(trials=5, num_agents=500, ensemble_size=5, epochs=300, bat
 # quarter of the run (paper: 300 epochs, halved at 150).
 QUICK = {
     "cartpole": dict(trials=1, epochs=200, lr_halving_epochs=50, episodes=5,
-                     prediction_episodes=50),
+                     prediction_episodes=50, bcq_iterations=20_000, policy_episodes=20),
     "mountaincar": dict(trials=1, epochs=60, lr_halving_epochs=20, episodes=5,
-                        prediction_episodes=50),
+                        prediction_episodes=50, bcq_iterations=20_000, policy_episodes=20),
     "halfcheetah": dict(trials=1, num_agents=100, epochs=10, episodes=1, prediction_episodes=20,
                         true_env_mpc=False, candidates=50, horizon=10, cem_rounds=2,
-                        cem_elites=10),
+                        cem_elites=10, bcq_iterations=5_000, policy_episodes=1),
 }
 
 # A run's settings per preset and env: the protocol, the env's training
@@ -162,13 +165,17 @@ def display_name(env_name: str) -> str:
 
 TABLES_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "paper_tables.json")
 
-# Display names of the paper's methods, in the paper's row order.
+# Display names of the compared methods, in the reports' row order: the
+# paper's, then our two ablations.
 METHOD_NAMES = {
     "persim": "PerSim",
+    "true_env_mpc": "True env + MPC",
     "vanilla_cadm": "Vanilla CaDM",
     "pe_ts_cadm": "PE-TS CaDM",
     "bcq_p": "BCQ-P",
     "bcq_a": "BCQ-A",
+    "population": "Population model",
+    "per_agent": "Per-agent model",
 }
 
 

@@ -124,11 +124,12 @@ def _prediction_section(results: dict, rows_paper: dict) -> str:
         return [label, *cells, f"{_fixed(_mean(rmse), digits)} ({_fixed(_mean(r2), digits)})"]
 
     rows = []
-    if ours:
-        rows.append(row("**PerSim (ours)**", ours))
-    for key in ("persim", "vanilla_cadm", "pe_ts_cadm"):
+    for key, name in paper.METHOD_NAMES.items():
+        mine = ours if key == "persim" else _ours(results, key, "prediction")
+        if mine:
+            rows.append(row(f"**{name} (ours)**" if key == "persim" else f"{name} (ours)", mine))
         if key in rows_paper.get("prediction", {}):
-            rows.append(row(f"{paper.METHOD_NAMES[key]} (paper)", rows_paper["prediction"][key]))
+            rows.append(row(f"{name} (paper)", rows_paper["prediction"][key]))
     if ours:
         lines.insert(2, f"Horizon {ours.get('horizon', '?')} steps, "
                         f"{ours.get('trials', '?')} trial(s).\n")
@@ -151,25 +152,28 @@ def _reward_section(results: dict, rows_paper: dict) -> str:
         return [label, *cells, _fixed(_mean(means), 1)]
 
     ours_fmt = lambda x: _fixed(x, 1)  # noqa: E731
-    rows = []
     if ours:
-        for key, label in (("persim", "**PerSim (ours)**"),
-                           ("true_env_mpc", "True env + MPC (ours)")):
-            if ours.get(key):
-                rows.append(row(label, ours[key], ours_fmt))
-        spread = (f" PerSim's ± is over {ours['std_over']}; True env + MPC's over episodes."
-                  if ours.get("std_over") else "")
+        spread = (f" PerSim's ± is over {ours['std_over']}, as every trained method's; "
+                  f"True env + MPC's over episodes." if ours.get("std_over") else "")
         lines.insert(2, f"{ours.get('episodes', '?')} episode(s) per test agent per trial, "
                         f"{ours.get('trials', '?')} trial(s).{spread}\n")
-    paper_reward = rows_paper.get("reward", {})
-    if "persim" in paper_reward:
-        rows.append(row("PerSim (paper)", paper_reward["persim"], _printed))
-    if rows_paper.get("true_env_mpc"):
-        rows.append(row("True env + MPC (paper)", rows_paper["true_env_mpc"], _printed))
-    for key in ("vanilla_cadm", "pe_ts_cadm", "bcq_p", "bcq_a"):
-        if key in paper_reward:
-            rows.append(row(f"{paper.METHOD_NAMES[key]} (paper)", paper_reward[key], _printed))
+    paper_reward = {**rows_paper.get("reward", {}),
+                    "true_env_mpc": rows_paper.get("true_env_mpc")}
+    rows = []
+    for key, name in paper.METHOD_NAMES.items():
+        mine = (ours or {}).get(key) if key in ("persim", "true_env_mpc") else _ours(
+            results, key, "reward")
+        if mine:
+            rows.append(row(f"**{name} (ours)**" if key == "persim" else f"{name} (ours)", mine,
+                            ours_fmt))
+        if paper_reward.get(key):
+            rows.append(row(f"{name} (paper)", paper_reward[key], _printed))
     return "\n".join(lines + [_table(header, rows), ""])
+
+
+def _ours(results: dict, method: str, section: str) -> dict | None:
+    """Our `section` ("prediction" or "reward") row of `method`, if it ran."""
+    return ((results.get("methods") or {}).get(method) or {}).get(section)
 
 
 def _validation_section(results: dict) -> str:

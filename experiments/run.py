@@ -111,6 +111,12 @@ def define_flags() -> None:
     flags.DEFINE_integer("prediction_episodes", None,
                          "Episodes per test agent of the prediction-error test (paper: 200).")
     flags.DEFINE_bool("true_env_mpc", None, "Also plan on the true physics (the upper-bound row).")
+    flags.DEFINE_list("methods", None,
+                      f"Methods to compare: {', '.join(METHODS)}, or all (default: persim, and "
+                      f"true_env_mpc unless --notrue_env_mpc).")
+    flags.DEFINE_integer("bcq_iterations", None, "BCQ gradient steps (paper: 5.5e5).")
+    flags.DEFINE_integer("policy_episodes", None,
+                         "Episodes per test agent of the model-free methods (paper: 100).")
     flags.DEFINE_list("skip", [], "Stages to skip: prediction, reward, plots.")
     flags.DEFINE_bool("force", False, "Redo every stage, even those already done.")
 
@@ -129,13 +135,36 @@ def settings_from_flags() -> RunConfig:
                             {name: getattr(FLAGS, name) for name in config_lib.OVERRIDABLE})
 
 
+def _bcq(kind):
+    def make(env, config: RunConfig):
+        from persim_jax import bcq
+
+        return kind(bcq)(bcq.BCQConfig(iterations=config.bcq_iterations))
+    return make
+
+
+# The harness's methods, by name, in the reports' order: how each is built
+# from the env and the run's config.
+METHODS = {
+    "persim": lambda env, config: methods.PerSim(config.training()),
+    "true_env_mpc": lambda env, config: methods.TrueEnvMPC(env),
+    "bcq_p": _bcq(lambda bcq: bcq.BCQP),
+    "bcq_a": _bcq(lambda bcq: bcq.BCQA),
+    "population": lambda env, config: methods.Population(config.training()),
+    "per_agent": lambda env, config: methods.PerAgent(config.training()),
+}
+
+
 def methods_for(env, config: RunConfig) -> list[methods.Method]:
-    """The methods a run compares: PerSim, and True env + MPC when asked and
-    an env gives the true physics."""
-    chosen: list[methods.Method] = [methods.PerSim(config.training())]
-    if env is not None and config.true_env_mpc:
-        chosen.append(methods.TrueEnvMPC(env))
-    return chosen
+    """The methods a run compares (`RunConfig.method_names`); without an env
+    (own data, no test agents), PerSim only."""
+    names = config.method_names(tuple(METHODS))
+    if env is None:
+        if set(names) - {"persim", "true_env_mpc"}:
+            raise UserError("--methods: comparing methods needs --env (the test agents' "
+                            "true physics); own data without an env trains PerSim only")
+        names = ("persim",)
+    return [METHODS[name](env, config) for name in names]
 
 
 def planner_for(env, config: RunConfig):
@@ -296,33 +325,38 @@ def _check_matches_env(transitions, env, path: str) -> None:
 
 
 def train_stage(run: Run, method: methods.Method, transitions, trials: int, seed: int,
-                dataset_key: str) -> list:
-    """Trains (or reloads) `method` once per trial; [None] (one evaluation,
-    no trials) for a method that does not train."""
+                dataset_key: str, agent_ids) -> tuple[list, float]:
+    """Trains (or reloads) `method` once per trial: (what it trained, one per
+    trial, and the training seconds, stored ones for reused trials). A method
+    that does not train gives ([None], 0): one evaluation, no trials."""
     if not method.trains:
-        return [None]
-    trained = []
+        return [None], 0.0
+    trained, seconds = [], 0.0
+    agents = None if agent_ids is None else [int(a) for a in agent_ids]
     for trial in range(trials):
         key = _digest({"dataset": dataset_key, "train": method.description(),
-                       "seed": seed + trial, "method": method.name})
+                       "seed": seed + trial, "method": method.name, "agents": agents})
         stage = f"train_{method.name}_trial{trial}"
         path = run.path(_artefact_name(method, trial))
         record = run.cached(stage, key)
         if record is not None and os.path.exists(path):
             trained.append(method.load(path))
+            seconds += run.timing.get(stage, 0.0)
             _say(f"[train] trial {trial}: reusing {path}")
             continue
         start = time.time()
         _say(f"[train] trial {trial}: {method.name}, {transitions.num_transitions} transitions, "
              f"{method.description()}")
         result = method.train(transitions, method.key("train", seed, trial),
-                              workdir=run.path("checkpoints", key, f"trial{trial}"))
+                              workdir=run.path("checkpoints", key, f"trial{trial}"),
+                              agent_ids=agents)
         method.save(result, path)
         shutil.rmtree(run.path("checkpoints", key), ignore_errors=True)
         run.store(stage, key, _train_record(result), time.time() - start)
+        seconds += run.timing[stage]
         trained.append(result)
     run.sum_timings("train")
-    return trained
+    return trained, round(seconds, 2)
 
 
 def _artefact_name(method: methods.Method, trial: int) -> str:
@@ -391,12 +425,14 @@ def reward_stage(run: Run, env, method: methods.Method, trained: list, covariate
                  planner, config: RunConfig, seed: int, train_key) -> dict:
     """MPC returns of `method` on the test agents: {mean, std, returns}, the
     std over trials (several) or over one trial's episodes."""
+    model_based = method.kind == "model"
     # Where the candidates run (shard_candidates) does not change the returns
     # (tests/test_evaluation.py): it is recorded but not part of the key.
-    planner_key = {k: v for k, v in planner_description(planner).items()
-                   if k != "shard_candidates"}
+    planner_key = ({k: v for k, v in planner_description(planner).items()
+                    if k != "shard_candidates"} if model_based else None)
+    episodes = config.episodes if model_based else config.policy_episodes
     key = _digest({"train": train_key if method.trains else None, "method": method.name,
-                   "planner": planner_key, "episodes": config.episodes,
+                   "planner": planner_key, "episodes": episodes,
                    "max_steps": config.max_steps, "agents": agent_ids.tolist(), "seed": seed})
     stage = f"reward_{method.name}"
     cached = run.cached(stage, key)
@@ -405,19 +441,29 @@ def reward_stage(run: Run, env, method: methods.Method, trained: list, covariate
         return cached
     start = time.time()
     steps = config.max_steps or env.max_episode_steps
-    with run.stage("reward", f"{method.name} MPC: {len(agent_ids)} agents × {config.episodes} "
-                   f"episodes × {len(trained)} trial(s), ≤ {steps} steps, one compiled program "
-                   f"each"):
+    with run.stage("reward", f"{method.name} {'MPC' if model_based else 'policy'}: "
+                   f"{len(agent_ids)} agents × {episodes} episodes × {len(trained)} trial(s), "
+                   f"≤ {steps} steps, one compiled program each"):
         per_trial = np.stack([
-            evaluation.run_episodes(method.key("reward", seed, trial), planner,
-                                    method.dynamics_for_agent(model, agent_ids), env, covariates,
-                                    config.episodes, max_steps=config.max_steps)
+            _episode_returns(method, model, method.key("reward", seed, trial), planner, env,
+                             covariates, agent_ids, episodes, config.max_steps)
             for trial, model in enumerate(trained)])                # (trials, K, E)
     means = per_trial.mean(axis=2)                                     # (trials, K)
     spread = means.std(axis=0) if len(trained) > 1 else per_trial[0].std(axis=1)
     result = {"mean": _floats(means.mean(axis=0)), "std": _floats(spread),
               "returns": per_trial.tolist() if method.trains else per_trial[0].tolist()}
     return run.store(stage, key, result, time.time() - start)
+
+
+def _episode_returns(method: methods.Method, trained, key, planner, env, covariates, agent_ids,
+                     episodes: int, max_steps: int | None) -> np.ndarray:
+    """(K, E) returns: MPC on a model-based method's dynamics, or the
+    model-free method's own policies."""
+    if method.kind == "model":
+        return evaluation.run_episodes(key, planner, method.dynamics_for_agent(trained, agent_ids),
+                                       env, covariates, episodes, max_steps=max_steps)
+    return evaluation.run_policy_episodes(key, method.policy_for_agent(trained, agent_ids), env,
+                                          covariates, episodes, max_steps=max_steps)
 
 
 def factors_stage(run: Run, simulators, transitions) -> None:
@@ -497,7 +543,7 @@ def _dataset_stage(env_name, dataset, config: RunConfig, seed: int, data_dir: st
     return transitions, metadata, name, seconds
 
 
-def _evaluate(run: Run, env, chosen, trained, covariates, agent_ids, config, seed, train_key,
+def _evaluate(run: Run, env, chosen, trained, covariates, agent_ids, config, seed, train_keys,
               skip) -> tuple[dict, dict | None]:
     """({method: {"prediction": ... or None, "reward": ... or None}}, the
     planner's description or None without the reward stage)."""
@@ -505,12 +551,13 @@ def _evaluate(run: Run, env, chosen, trained, covariates, agent_ids, config, see
     rows = {}
     for method in chosen:
         prediction = reward = None
+        models, key = trained[method.name], train_keys[method.name]
         if method.predicts and "prediction" not in skip:
-            prediction = prediction_stage(run, env, method, trained[method.name], covariates,
-                                          agent_ids, config, seed, train_key)
+            prediction = prediction_stage(run, env, method, models, covariates, agent_ids,
+                                          config, seed, key)
         if "reward" not in skip:
-            reward = reward_stage(run, env, method, trained[method.name], covariates,
-                                  agent_ids, planner, config, seed, train_key)
+            reward = reward_stage(run, env, method, models, covariates, agent_ids, planner,
+                                  config, seed, key)
         rows[method.name] = {"prediction": prediction, "reward": reward}
     run.sum_timings("prediction")
     run.sum_timings("reward")
@@ -547,17 +594,23 @@ def run_pipeline(env_name: str | None, dataset: str, config: RunConfig, *, prese
     dataset_key = {k: metadata.get(k) for k in ("path", "sha256", "env", "dataset", "seed",
                                                  "num_agents", "policies_sha256")}
     chosen = methods_for(env, config)
-    train_key = {"dataset": dataset_key, "trials": config.trials, "seed": seed,
-                 "methods": {m.name: m.description() for m in chosen if m.trains}}
-    trained = {m.name: train_stage(run, m, transitions, config.trials, seed,
-                                   _digest(dataset_key)) for m in chosen}
-    simulators = trained[methods.PerSim.name]
     covariates, agent_ids = (test_agents_of(env, transitions) if env is not None
                              else (None, None))
+    # What each method's evaluation depends on: its own training only, so
+    # that adding a method to a finished run redoes nothing of the others.
+    train_keys = {m.name: {"dataset": dataset_key, "trials": config.trials, "seed": seed,
+                           "method": m.description()} for m in chosen}
+    trained, train_seconds = {}, {}
+    for method in chosen:
+        trained[method.name], train_seconds[method.name] = train_stage(
+            run, method, transitions, config.trials, seed, _digest(dataset_key), agent_ids)
+    simulators = trained[methods.PerSim.name]
     rows, planner = {}, None
     if env is not None and agent_ids is not None:
         rows, planner = _evaluate(run, env, chosen, trained, covariates, agent_ids, config,
-                                  seed, train_key, skip)
+                                  seed, train_keys, skip)
+        for name, row in rows.items():
+            row["train_seconds"] = train_seconds[name]
     validation = None
     if dataset not in datasets.DATASETS:
         with run.stage("validation", "held-out one-step error per agent"):

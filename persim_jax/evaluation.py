@@ -56,6 +56,9 @@ DynamicsForAgent = Callable[[jax.Array, jax.Array], planning.Dynamics]
 # prediction protocol (the paper's test policy); a pytree callable so that its
 # parameters are arguments of the compiled program.
 Policy = Callable[[jax.Array, jax.Array], jax.Array]
+# (row () int, covariates (P,)) -> that agent's policy: a model-free method's
+# counterpart of DynamicsForAgent.
+PolicyForAgent = Callable[[jax.Array, jax.Array], Policy]
 
 BATCH_AXIS = "episodes"
 
@@ -315,6 +318,30 @@ def run_episodes(
         returns = multihost_utils.process_allgather(returns, tiled=True)
     returns = np.asarray(returns)[:total]
     return returns.reshape(num_agents, num_episodes)
+
+
+def _no_plan_state():
+    return ()
+
+
+def _act(key, state, obs, policy):
+    """A `Planner.plan` that asks the agent's policy instead of planning."""
+    return policy(key, obs), state
+
+
+# The "planner" of model-free methods: its dynamics slot holds the agent's
+# policy. One module-level object, so that `run_episodes`' compiled programs
+# are cached across calls.
+POLICY_ACTOR = planning.Planner(_no_plan_state, _act, None)
+
+
+def run_policy_episodes(key: jax.Array, policy_for_agent: PolicyForAgent, env, covariates,
+                        num_episodes: int, **options) -> np.ndarray:
+    """(A, E) returns of episodes where each agent acts with its own policy
+    (model-free methods), in one compiled program: `run_episodes` with the
+    policy in place of the planner; same keys, options and sharding."""
+    return run_episodes(key, POLICY_ACTOR, policy_for_agent, env, covariates, num_episodes,
+                        **options)
 
 
 # ---------------------------------------------------------------------------

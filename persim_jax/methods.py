@@ -30,9 +30,11 @@ import zlib
 from typing import Any, ClassVar, Sequence
 
 import jax
+import numpy as np
+from flax import serialization, struct
 
 from persim_jax import evaluation
-from persim_jax.data import Transitions
+from persim_jax.data import Transitions, atomic_write
 from persim_jax.model import Simulator
 from persim_jax.train import TrainConfig, fit
 
@@ -70,9 +72,12 @@ class Method(abc.ABC):
         return jax.random.fold_in(base, zlib.crc32(self.name.encode()))
 
     def train(self, transitions: Transitions, key: jax.Array, *,
-              workdir: str | os.PathLike | None = None) -> Any:
+              workdir: str | os.PathLike | None = None,
+              agent_ids: Sequence[int] | None = None) -> Any:
         """Learns from `transitions`; returns what `save` writes and the
-        protocols' factories take. `workdir` holds resumable checkpoints."""
+        protocols' factories take. `workdir` holds resumable checkpoints;
+        `agent_ids` are the agents evaluated later (a per-agent method trains
+        one model for each of them; the others ignore it)."""
         raise TypeError(f"{self.name} does not train")
 
     def save(self, trained: Any, path: str | os.PathLike) -> None:
@@ -87,6 +92,12 @@ class Method(abc.ABC):
         dynamics (model-based methods). `for_planning=False` asks for the
         forward pass the prediction protocol scores."""
         raise TypeError(f"{self.name} is not model-based")
+
+    def policy_for_agent(self, trained: Any, agent_ids: Sequence[int]
+                         ) -> evaluation.PolicyForAgent:
+        """Row i of the evaluated covariates -> agent `agent_ids[i]`'s policy
+        `policy(key, obs) -> action` (model-free methods)."""
+        raise TypeError(f"{self.name} is not model-free")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,7 +117,8 @@ class PerSim(Method):
         # unchanged: PRNGKey(seed + offset + trial).
         return jax.random.PRNGKey(seed + STAGE_OFFSETS[stage] + trial)
 
-    def train(self, transitions, key, *, workdir=None) -> Simulator:
+    def train(self, transitions, key, *, workdir=None, agent_ids=None) -> Simulator:
+        del agent_ids   # one simulator for every agent
         return fit(transitions, self.config, key=key, checkpoint_dir=workdir)
 
     def save(self, trained: Simulator, path) -> None:
@@ -139,3 +151,116 @@ class TrueEnvMPC(Method):
     def dynamics_for_agent(self, trained, agent_ids, *, for_planning=True):
         del trained, agent_ids    # each agent's physics comes from its covariates
         return evaluation.true_env_dynamics_for_agent(self.env)
+
+
+@dataclasses.dataclass(frozen=True)
+class Population(Method):
+    """Ablation: the same factorised network with the agent factor removed,
+    one simulator for everyone (every agent id set to 0: u is one learned
+    vector, absorbed by the state and action factors). Planned and scored
+    exactly as PerSim; its gap to PerSim is what personalisation buys."""
+
+    config: TrainConfig
+    name: ClassVar[str] = "population"
+
+    def description(self) -> dict:
+        return PerSim.description(self)
+
+    def train(self, transitions, key, *, workdir=None, agent_ids=None) -> Simulator:
+        del agent_ids
+        return fit(pooled(transitions), self.config, key=key, checkpoint_dir=workdir)
+
+    def save(self, trained: Simulator, path) -> None:
+        trained.save(path)
+
+    def load(self, path) -> Simulator:
+        return Simulator.load(path)
+
+    def dynamics_for_agent(self, trained: Simulator, agent_ids, *, for_planning=True):
+        return evaluation.simulator_dynamics_for_agent(trained, [0] * len(agent_ids),
+                                                       fold=for_planning)
+
+
+@dataclasses.dataclass(frozen=True)
+class PerAgent(Method):
+    """Ablation: the same network trained on each evaluated agent's own
+    trajectory alone (one ensemble per agent, nothing shared): what one
+    trajectory teaches without the other agents."""
+
+    config: TrainConfig
+    name: ClassVar[str] = "per_agent"
+
+    def description(self) -> dict:
+        return PerSim.description(self)
+
+    def train(self, transitions, key, *, workdir=None, agent_ids=None) -> Simulator:
+        """One simulator per id of `agent_ids`, stacked on a leading axis."""
+        if agent_ids is None or not len(agent_ids):
+            raise ValueError("agent_ids: per_agent trains one simulator per evaluated agent; "
+                             "give their ids")
+        simulators = []
+        for index, agent in enumerate(agent_ids):
+            directory = None if workdir is None else os.path.join(os.fspath(workdir),
+                                                                  f"agent{int(agent)}")
+            simulators.append(fit(own_trajectory(transitions, int(agent)), self.config,
+                                  key=jax.random.fold_in(key, index), checkpoint_dir=directory,
+                                  progress=False))
+        return stack_simulators(simulators)
+
+    def save(self, trained: Simulator, path) -> None:
+        count = trained.validation_loss.shape[0]
+        payload = {"format": STACKED_FORMAT,
+                   "simulators": [_row(trained, i).to_bytes() for i in range(count)]}
+        with atomic_write(path) as handle:
+            handle.write(serialization.msgpack_serialize(payload))
+
+    def load(self, path) -> Simulator:
+        with open(path, "rb") as handle:
+            payload = serialization.msgpack_restore(handle.read())
+        if payload.get("format") != STACKED_FORMAT:
+            raise ValueError(f"{os.fspath(path)}: not a file of per-agent simulators")
+        return stack_simulators([Simulator.from_bytes(data, os.fspath(path))
+                                 for data in payload["simulators"]])
+
+    def dynamics_for_agent(self, trained: Simulator, agent_ids, *, for_planning=True):
+        return PerAgentDynamicsForAgent(trained, for_planning)
+
+
+STACKED_FORMAT = "persim-jax-per-agent-simulators"
+
+
+def pooled(transitions: Transitions) -> Transitions:
+    """The transitions as one agent's (every id 0): the population's data."""
+    return transitions.replace(agent_id=np.zeros_like(np.asarray(transitions.agent_id)),
+                               num_agents=1, covariates=None, agent_keys=None)
+
+
+def own_trajectory(transitions: Transitions, agent: int) -> Transitions:
+    """Agent `agent`'s transitions alone, as agent 0 of a one-agent dataset."""
+    rows = np.flatnonzero(np.asarray(transitions.agent_id) == agent)
+    if not rows.size:
+        raise ValueError(f"agent_ids: agent {agent} has no transitions")
+    return pooled(transitions.select(rows))
+
+
+def stack_simulators(simulators: Sequence[Simulator]) -> Simulator:
+    """K simulators of one config as one, every leaf with a leading K axis."""
+    simulators = [s.replace(rank_losses=None, agent_keys=None) for s in simulators]
+    return jax.tree.map(lambda *leaves: jax.numpy.stack(leaves), *simulators)
+
+
+def _row(stacked: Simulator, index) -> Simulator:
+    return jax.tree.map(lambda leaf: leaf[index], stacked)
+
+
+@struct.dataclass
+class PerAgentDynamicsForAgent:
+    """Row i -> the dynamics of the i-th of K stacked one-agent simulators."""
+
+    simulators: Simulator
+    fold: bool = struct.field(pytree_node=False, default=True)
+
+    def __call__(self, agent_index, covariates):
+        del covariates
+        simulator = _row(self.simulators, agent_index)
+        return evaluation.SimulatorDynamicsForAgent(simulator, None, self.fold)(0, None)

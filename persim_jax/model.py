@@ -559,6 +559,11 @@ class Simulator:
         """Writes the simulator to one file (msgpack), atomically."""
         from persim_jax.data import atomic_write  # data does not import model
 
+        with atomic_write(path) as handle:
+            handle.write(self.to_bytes())
+
+    def to_bytes(self) -> bytes:
+        """The simulator as msgpack bytes (what `save` writes)."""
         payload = {
             "format": SIMULATOR_FORMAT,
             "version": SIMULATOR_VERSION,
@@ -570,19 +575,22 @@ class Simulator:
             "stats": jax.tree.map(np.asarray, serialization.to_state_dict(self.stats)),
             "validation_loss": np.asarray(self.validation_loss),
         }
-        data = serialization.msgpack_serialize(payload)
-        with atomic_write(path) as handle:
-            handle.write(data)
+        return serialization.msgpack_serialize(payload)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Simulator":
         """Reads a simulator written by `save`."""
         with open(path, "rb") as handle:
-            payload = serialization.msgpack_restore(handle.read())
+            return cls.from_bytes(handle.read(), source=os.fspath(path))
+
+    @classmethod
+    def from_bytes(cls, data: bytes, source: str = "simulator") -> "Simulator":
+        """The simulator of `to_bytes`; `source` names it in errors."""
+        payload = serialization.msgpack_restore(data)
         if payload.get("format") != SIMULATOR_FORMAT:
-            raise ValueError(f"{os.fspath(path)}: not a persim-jax simulator file")
+            raise ValueError(f"{source}: not a persim-jax simulator file")
         if payload.get("version") != SIMULATOR_VERSION:
-            raise ValueError(f"{os.fspath(path)}: version {payload.get('version')}, expected "
+            raise ValueError(f"{source}: version {payload.get('version')}, expected "
                              f"{SIMULATOR_VERSION}")
         config = ModelConfig(**json.loads(payload["config"]))
         rank_losses = json.loads(payload["rank_losses"])

@@ -75,3 +75,33 @@ def test_true_env_mpc_is_the_env_and_does_not_train():
     action = jnp.asarray([0, 1])
     np.testing.assert_array_equal(dynamics(obs, action), reference(obs, action))
     assert isinstance(method.dynamics_for_agent(None, [0]), evaluation.TrueEnvDynamicsForAgent)
+
+
+def test_population_and_per_agent_ablations(small_mountaincar_data, tmp_path):
+    transitions, _ = small_mountaincar_data
+    config = TrainConfig(rank=3, ensemble_size=2, epochs=2, state_hidden=(16,))
+    population = methods.Population(config)
+    pooled = population.train(transitions, population.key("train", 0))
+    assert pooled.num_agents == 1                      # no agent factor to tell agents apart
+    obs = jnp.asarray(np.asarray(transitions.obs)[:4])
+    action = jnp.asarray(np.asarray(transitions.action)[:4])
+    everyone = population.dynamics_for_agent(pooled, [0, 5, 9], for_planning=False)
+    np.testing.assert_array_equal(everyone(0, None)(obs, action), everyone(2, None)(obs, action))
+
+    per_agent = methods.PerAgent(config)
+    with pytest.raises(ValueError, match="agent_ids"):
+        per_agent.train(transitions, per_agent.key("train", 0))
+    stacked = per_agent.train(transitions, per_agent.key("train", 0), agent_ids=[2, 7])
+    # Agent 7's simulator is trained on agent 7's transitions alone.
+    alone = methods.own_trajectory(transitions, 7)
+    assert alone.num_agents == 1 and alone.num_transitions == int(
+        np.sum(np.asarray(transitions.agent_id) == 7))
+    path = str(tmp_path / "per_agent.msgpack")
+    per_agent.save(stacked, path)
+    loaded = per_agent.load(path)
+    for a, b in zip(jax.tree.leaves(stacked), jax.tree.leaves(loaded)):
+        np.testing.assert_array_equal(a, b)
+    rows = per_agent.dynamics_for_agent(loaded, [2, 7], for_planning=False)
+    second = jax.tree.map(lambda leaf: leaf[1], loaded)
+    np.testing.assert_array_equal(rows(1, None)(obs, action), second.predict(0, obs, action))
+    assert not np.allclose(rows(0, None)(obs, action), rows(1, None)(obs, action))

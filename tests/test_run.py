@@ -92,8 +92,26 @@ def test_cartpole_end_to_end_and_rerun_skips(tmp_path, caplog):
     fourth = run.run_pipeline("cartpole", "pure", alone, preset="quick", seed=0,
                               out_dir=str(tmp_path / "alone"), data_dir=data_dir, force=True)
     assert fourth["config"]["methods"] == ["persim"]
-    assert fourth["methods"]["persim"] == results["methods"]["persim"]
+    for section in ("prediction", "reward"):
+        assert fourth["methods"]["persim"][section] == results["methods"]["persim"][section]
     assert fourth["reward"]["persim"] == results["reward"]["persim"]
+
+    # Adding a method to a finished run trains and evaluates only that method.
+    caplog.clear()
+    more = run.resolve_settings("cartpole", "pure", "quick",
+                                dict(TINY, candidates=8,       # the third run's settings
+                                     methods=["persim", "true_env_mpc", "population"]))
+    fifth = run.run_pipeline("cartpole", "pure", more, preset="quick", seed=0,
+                             out_dir=out_dir, data_dir=data_dir)
+    printed = caplog.text
+    assert "[train] trial 0: reusing" in printed and "[train] trial 0: population" in printed
+    assert printed.count("[reward] reusing") == 2 and "[prediction] reusing" in printed
+    assert fifth["methods"]["persim"]["prediction"] == results["methods"]["persim"]["prediction"]
+    population = fifth["methods"]["population"]
+    assert len(population["prediction"]["rmse"]) == 5 and len(population["reward"]["mean"]) == 5
+    assert population["train_seconds"] > 0
+    with open(os.path.join(out_dir, "cartpole", "pure", "report.md")) as handle:
+        assert "Population model (ours)" in handle.read()
 
 
 def test_halfcheetah_end_to_end(tmp_path):
