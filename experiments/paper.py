@@ -96,9 +96,9 @@ PAPER_PROTOCOL = dict(trials=5, num_agents=500, ensemble_size=5, epochs=300, bat
 # quarter of the run (paper: 300 epochs, halved at 150).
 QUICK = {
     "cartpole": dict(trials=1, epochs=200, lr_halving_epochs=50, episodes=5,
-                     prediction_episodes=50, bcq_iterations=20_000, policy_episodes=20),
+                     prediction_episodes=50, bcq_iterations=50_000, policy_episodes=20),
     "mountaincar": dict(trials=1, epochs=60, lr_halving_epochs=20, episodes=5,
-                        prediction_episodes=50, bcq_iterations=20_000, policy_episodes=20),
+                        prediction_episodes=50, bcq_iterations=50_000, policy_episodes=20),
     "halfcheetah": dict(trials=1, num_agents=100, epochs=10, episodes=1, prediction_episodes=20,
                         true_env_mpc=False, candidates=50, horizon=10, cem_rounds=2,
                         cem_elites=10, bcq_iterations=5_000, policy_episodes=1),
