@@ -1,6 +1,8 @@
-"""Simulator training throughput at the paper's model sizes.
+"""Training throughput at the paper's model sizes: the simulators, and the
+BCQ baselines.
 
     python -m benchmarks.train_throughput [--settings=cartpole,halfcheetah] [--agents=500]
+    python -m benchmarks.train_throughput --baselines=bcq_p,bcq_a [--settings=cartpole]
 
 Prints one JSON line per setting: training transitions per second of one
 jitted epoch of `persim_jax.train` (M ensemble members trained together, each
@@ -9,6 +11,11 @@ the setting's shapes (random states, actions and agent ids: the cost does not
 depend on the values). `train_transitions_per_s` times the epoch alone;
 `fit_transitions_per_s` also scores a validation set of 25 % of the training
 size after the epoch, as `fit` does with a 20 % hold-out.
+
+With `--baselines`, a line per baseline and setting instead: BCQ gradient
+steps per second of each policy (`iterations_per_s`) at the paper's batch and
+layer sizes, one jitted chunk of `--bcq_chunk` iterations vmapped over the
+policies (BCQ-P: 1 policy on every transition; BCQ-A: 5, one per test agent).
 """
 
 from __future__ import annotations
@@ -22,7 +29,7 @@ from absl import app, flags
 
 from benchmarks.common import best_time, emit, machine
 from experiments import paper
-from persim_jax import model, train
+from persim_jax import bcq, data, model, train
 
 # CartPole-like: D = 4, 2 discrete actions; HalfCheetah-like: D = 18, A = 6.
 SETTINGS = {
@@ -38,6 +45,8 @@ _BATCH = flags.DEFINE_integer("batch_size", 256, "Minibatch size.")
 _BATCHES = flags.DEFINE_integer(
     "batches", 0, "Minibatches per timed epoch (0: 100 classic, 10 halfcheetah).")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed repeats; the best is reported.")
+_BASELINES = flags.DEFINE_list("baselines", [], "Baselines to time as well: bcq_p, bcq_a.")
+_BCQ_CHUNK = flags.DEFINE_integer("bcq_chunk", 2000, "BCQ iterations per timed call.")
 
 
 def synthetic_batch(key, num_rows, config: model.ModelConfig) -> train.Batch:
@@ -90,14 +99,57 @@ def measure(name: str, num_agents: int, ensemble_size: int, batch_size: int, num
     }
 
 
+def synthetic_transitions(key, name: str, num_agents: int, steps: int) -> data.Transitions:
+    """`steps` random transitions of each of `num_agents` agents, of the
+    setting's shapes (the cost does not depend on the values)."""
+    shapes = SETTINGS[name]
+    keys = jax.random.split(key, 3)
+    rows = num_agents * steps
+    obs = jax.random.normal(keys[0], (rows, shapes["obs_dim"]))
+    if "num_actions" in shapes:
+        action = jax.random.randint(keys[1], (rows,), 0, shapes["num_actions"])
+    else:
+        action = jax.random.uniform(keys[1], (rows, shapes["action_dim"]), minval=-1, maxval=1)
+    return data.make_transitions(
+        obs, action, obs + 0.01 * jax.random.normal(keys[2], obs.shape),
+        jnp.repeat(jnp.arange(num_agents), steps), num_actions=shapes.get("num_actions"))
+
+
+def measure_bcq(name: str, baseline: str, chunk: int, repeats: int) -> dict:
+    """BCQ iterations per second per policy, one compiled chunk timed."""
+    transitions = synthetic_transitions(jax.random.PRNGKey(0), name, 20, 200)
+    agent_ids = list(range(5)) if baseline == "bcq_a" else None
+    config = bcq.BCQConfig().resolved(transitions.discrete)
+    policy_data = bcq.policy_data(transitions, agent_ids)
+    count = policy_data.count.shape[0]
+    keys = jax.random.split(jax.random.PRNGKey(1), count)
+    init = bcq.init_discrete if transitions.discrete else bcq.init_continuous
+    size = transitions.num_actions or transitions.action_dim
+    state = jax.vmap(lambda k: init(k, transitions.obs_dim, size, config))(keys)
+    program = bcq.make_chunk_fn(config, transitions.discrete, chunk)
+    fn = functools.partial(program, state, policy_data, keys, 0)
+    jax.block_until_ready(fn())  # compile
+    seconds = best_time(fn, repeats)
+    return {"bench": "train_baseline", "baseline": baseline, "setting": name,
+            "policies": count, "batch_size": config.batch_size,
+            "iterations_per_s": round(chunk / seconds, 1),
+            "paper_iterations_s": round(550_000 * seconds / chunk, 1), **machine()}
+
+
 def main(argv):
     del argv
     for name in _SETTINGS.value:
         if name not in SETTINGS:
             raise app.UsageError(f"--settings: unknown {name!r}; known: {sorted(SETTINGS)}")
-        batches = _BATCHES.value or (10 if name == "halfcheetah" else 100)
-        emit(measure(name, _AGENTS.value, _ENSEMBLE.value, _BATCH.value, batches,
-                     _REPEATS.value))
+        unknown = sorted(set(_BASELINES.value) - {"bcq_p", "bcq_a"})
+        if unknown:
+            raise app.UsageError(f"--baselines: unknown {unknown}; known: bcq_p, bcq_a")
+        if not _BASELINES.value:
+            batches = _BATCHES.value or (10 if name == "halfcheetah" else 100)
+            emit(measure(name, _AGENTS.value, _ENSEMBLE.value, _BATCH.value, batches,
+                         _REPEATS.value))
+        for baseline in _BASELINES.value:
+            emit(measure_bcq(name, baseline, _BCQ_CHUNK.value, _REPEATS.value))
 
 
 if __name__ == "__main__":
