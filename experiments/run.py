@@ -352,6 +352,8 @@ def train_stage(run: Run, method: methods.Method, transitions, trials: int, seed
                               agent_ids=agents)
         method.save(result, path)
         shutil.rmtree(run.path("checkpoints", key), ignore_errors=True)
+        with contextlib.suppress(OSError):       # only when no other run's are left
+            os.rmdir(run.path("checkpoints"))
         run.store(stage, key, _train_record(result), time.time() - start)
         seconds += run.timing[stage]
         trained.append(result)
