@@ -198,6 +198,14 @@ class PerSimNet(nn.Module):
         """(N, r) u(n) for every agent: embedding row plus the shared bias."""
         return self.agent_encoder(jnp.arange(self.config.num_agents))
 
+    def factor_features(self, obs: jax.Array, action: jax.Array) -> jax.Array:
+        """(..., D, r) x_ℓ(s, a, d) = v_ℓ(s, d) w_ℓ(a): the prediction of an
+        agent with factor u is Σ_ℓ x_ℓ u_ℓ (what `newcomers` solves for)."""
+        c = self.config
+        v = self.state_encoder(obs)
+        v = v.reshape(*v.shape[:-1], c.obs_dim, c.rank)                    # (..., D, r)
+        return v * self.action_encoder(action)[..., None, :]
+
 
 @functools.partial(jax.jit, static_argnums=1)
 def init_params(key: jax.Array, config: ModelConfig) -> Params:
@@ -237,6 +245,13 @@ def apply(params: Params, config: ModelConfig, agent_id, obs_z, action_in) -> ja
 def agent_factors(params: Params, config: ModelConfig) -> jax.Array:
     """(N, r) agent factors of one network."""
     return PerSimNet(config).apply({"params": params}, method=PerSimNet.agent_factors)
+
+
+def factor_features(params: Params, config: ModelConfig, obs_z, action_in) -> jax.Array:
+    """(..., D, r) factor features of one network (`PerSimNet.factor_features`)
+    for standardised obs (..., D) and action inputs."""
+    return PerSimNet(config).apply({"params": params}, obs_z, action_in,
+                                   method=PerSimNet.factor_features)
 
 
 # ---------------------------------------------------------------------------
@@ -541,6 +556,24 @@ class Simulator:
         """
         factors = jax.vmap(agent_factors, in_axes=(0, None))(self.params, self.config)
         return factors if member is None else factors[member]
+
+    def add_agents(self, transitions, *, ridge=None) -> "Simulator":
+        """The simulator with the K agents of `transitions` (ids 0..K-1 there)
+        added as agents N..N+K-1, without retraining: each member's factor of
+        each new agent in closed form (ridge least squares towards the training
+        factors' distribution, `persim_jax.newcomers`). The old agents'
+        predictions are unchanged bit for bit.
+
+        Args:
+          transitions: the new agents' `Transitions`, at least one each.
+          ridge: None (each member's validation MSE), or a positive λ (or (M,)).
+
+        Returns:
+          A `Simulator` of N + K agents.
+        """
+        from persim_jax import newcomers  # newcomers imports this module
+
+        return newcomers.add_agents(self, transitions, ridge=ridge)
 
     def agent_index(self, key) -> int:
         """Index 0..N-1 of the agent whose original id is `key`."""
