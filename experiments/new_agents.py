@@ -1,0 +1,387 @@
+"""New agents without retraining: how well a trained PerSim simulator serves
+agents it never saw, from K of their transitions, in closed form.
+
+    python -m experiments.new_agents --env=mountaincar --dataset=random          # quick
+    python -m experiments.new_agents --env=cartpole --dataset=pure --preset=paper
+
+The simulator is `experiments.run`'s (trained, or reused from
+`<out_dir>/<env>/<dataset>/` when that run's settings match). Then:
+
+  1. N unseen agents are drawn uniformly from the env's ranges (none of the
+     dataset's) and each logs one trajectory with the dataset's logging
+     policy (`datagen.datasets.collect`);
+  2. for K in 5, 10, 20, 50, 100 and the whole trajectory, their factors are
+     fitted from their first K transitions (`Simulator.add_agents`) and the
+     paper's open-loop prediction error (RMSE) is measured on them;
+  3. references on the same agents and episodes: PerSim retrained with their
+     whole trajectories in the training data (`rmse_retrained`), and the
+     population model (`methods.Population`: one simulator for everyone,
+     `rmse_population`), both trained with the run's settings;
+  4. MPC reward of the first `--mpc_agents` new agents planned on their
+     closed-form simulators at the largest K, beside the retrained simulator
+     and the true physics.
+
+Writes `<out_dir>/<env>/<dataset>/new_agents.json`, `new_agents.png` (RMSE vs
+K) and `new_agents.md` (a report section); the retrained simulator and its
+stage records go to `<out_dir>/<env>/<dataset>/new_agents/`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+import zlib
+
+if __name__ == "__main__":
+    # One JAX CPU device per core, before envs (gymnax) starts JAX's backends.
+    from persim_jax import runtime
+    runtime.use_cpu_cores()
+
+import jax
+import numpy as np
+from absl import app, flags, logging
+
+import envs
+from experiments import figures, paper
+from experiments import run as run_lib
+from experiments.config import UserError
+from experiments.datagen import datasets, policies
+from persim_jax import data, evaluation, methods
+
+FLAGS = flags.FLAGS
+
+# Transitions per new agent; None: the whole logged trajectory.
+TRANSITIONS_PER_AGENT = (5, 10, 20, 50, 100, None)
+NEW_AGENTS_KEY_OFFSET = 5000
+
+
+def define_flags() -> None:
+    """This CLI's flags (defined only when it runs as a program)."""
+    flags.DEFINE_enum("env", None, list(envs.ENV_NAMES), "Environment.")
+    flags.DEFINE_enum("dataset", "pure", list(datasets.DATASETS),
+                      "The paper's dataset the simulator is trained on; the new agents log "
+                      "with its logging policy.")
+    flags.DEFINE_enum("preset", "quick", ["quick", "paper"], "As experiments.run's.")
+    flags.DEFINE_integer("seed", 0, "Seed of the dataset, training and evaluation (as "
+                         "experiments.run's; trial 0's simulator is used).")
+    flags.DEFINE_string("out_dir", "runs", "Results go to <out_dir>/<env>/<dataset>/.")
+    flags.DEFINE_string("data_dir", datasets.DEFAULT_DATA_DIR, "Dataset cache.")
+    flags.DEFINE_integer("num_new_agents", 20, "Unseen agents drawn from the env's ranges.")
+    flags.DEFINE_integer("mpc_agents", 5, "New agents whose MPC reward is measured (0: none).")
+    flags.DEFINE_bool("force", False, "Retrain instead of reusing stored simulators.")
+
+
+# ---------------------------------------------------------------------------
+# The new agents
+
+
+def sample_new_agents(env, key: jax.Array, count: int, existing: np.ndarray) -> np.ndarray:
+    """(count, P) covariates uniform in the env's ranges, none equal to a row
+    of `existing` (N, P) (the dataset's agents)."""
+    low, high = (np.asarray(x, np.float64) for x in zip(*env.covariate_ranges))
+    fresh = np.asarray(jax.random.uniform(key, (count, len(low)), minval=low, maxval=high))
+    if existing is not None and len(existing):
+        taken = np.any(np.all(np.isclose(fresh[:, None, :], np.asarray(existing)[None], rtol=0,
+                                         atol=1e-9 * (high - low)), axis=-1), axis=1)
+        if taken.any():
+            raise UserError(f"new agents: {int(taken.sum())} drawn agent(s) equal dataset "
+                            f"agents; change --seed")
+    return fresh.astype(np.float32)
+
+
+def log_new_agents(env, dataset: str, covariates: np.ndarray, key: jax.Array
+                   ) -> data.Transitions:
+    """One trajectory per agent with `dataset`'s logging policy (the pure
+    policies, ε-mixed, or random actions), until termination or the cap."""
+    epsilon = datasets.EPSILON[dataset]
+    pure = None if epsilon >= 1.0 else policies.load_pure_policies(env)
+    rollout = datasets.collect(env, covariates, key, epsilon=epsilon, pure_params=pure)
+    return data.from_rollouts(
+        rollout["obs"], rollout["action"], rollout["next_obs"], reward=rollout["reward"],
+        done=rollout["terminated"], timeout=rollout["truncated"], valid=rollout["valid"],
+        num_actions=env.num_actions if env.discrete_actions else None, covariates=covariates)
+
+
+def first_transitions(transitions: data.Transitions, count: int | None) -> data.Transitions:
+    """Each agent's first `count` transitions in logged order (all if None or
+    if its trajectory is shorter)."""
+    if count is None:
+        return transitions
+    ids = np.asarray(transitions.agent_id)
+    order = np.argsort(ids, kind="stable")
+    position = np.empty_like(ids)
+    starts = np.searchsorted(ids[order], ids[order])          # first row of each agent
+    position[order] = np.arange(len(ids)) - starts
+    return transitions.select(position < count)
+
+
+def with_new_agents(transitions: data.Transitions, new: data.Transitions) -> data.Transitions:
+    """The dataset with the new agents appended as agents N..N+K-1 (the
+    retrained reference's training data)."""
+    n = transitions.num_agents
+    join = lambda a, b: np.concatenate([np.asarray(a), np.asarray(b)])
+    covariates = (None if transitions.covariates is None or new.covariates is None
+                  else join(transitions.covariates, new.covariates))
+    return transitions.replace(
+        obs=join(transitions.obs, new.obs), action=join(transitions.action, new.action),
+        next_obs=join(transitions.next_obs, new.next_obs),
+        reward=join(transitions.reward, new.reward), done=join(transitions.done, new.done),
+        timeout=join(transitions.timeout, new.timeout),
+        agent_id=join(transitions.agent_id, np.asarray(new.agent_id) + n),
+        covariates=covariates, num_agents=n + new.num_agents, agent_keys=None)
+
+
+# ---------------------------------------------------------------------------
+# The experiment
+
+
+def _prediction(key, model, env, covariates, agent_ids, episodes: int) -> list[float]:
+    """Per-agent mean open-loop RMSE (the paper's protocol, the test policy)."""
+    errors = evaluation.prediction_error(key, model, env, policies.test_policy(env), covariates,
+                                         agent_ids, num_episodes=episodes)
+    return [float(x) for x in errors.summary()["rmse"]]
+
+
+def _reward(key, planner, dynamics_for_agent, env, covariates, episodes, max_steps) -> dict:
+    returns = evaluation.run_episodes(key, planner, dynamics_for_agent, env, covariates, episodes,
+                                      max_steps=max_steps)
+    per_agent = returns.mean(axis=1)
+    return {"mean": float(per_agent.mean()), "per_agent": [float(x) for x in per_agent],
+            "std_over_episodes": [float(x) for x in returns.std(axis=1)]}
+
+
+def _key(name: str, seed: int) -> jax.Array:
+    base = jax.random.PRNGKey(seed + NEW_AGENTS_KEY_OFFSET)
+    return jax.random.fold_in(base, zlib.crc32(name.encode()))
+
+
+def _say(message: str) -> None:
+    logging.info("%s", message, stacklevel=2)
+
+
+def run_new_agents(env_name: str, dataset: str, *, preset: str = "quick", seed: int = 0,
+                   out_dir: str = "runs", data_dir: str = datasets.DEFAULT_DATA_DIR,
+                   num_new_agents: int = 20, mpc_agents: int = 5,
+                   transitions_per_agent=TRANSITIONS_PER_AGENT, force: bool = False,
+                   overrides: dict | None = None) -> dict:
+    """Runs the experiment (module docstring) and returns `new_agents.json`'s
+    contents. `overrides`: `RunConfig` fields replacing the preset's (tests)."""
+    if num_new_agents < 1:
+        raise UserError(f"--num_new_agents: must be >= 1; got {num_new_agents}")
+    if not 0 <= mpc_agents <= num_new_agents:
+        raise UserError(f"--mpc_agents: must be in 0..{num_new_agents}; got {mpc_agents}")
+    start = time.time()
+    timing = {}
+    config = run_lib.resolve_settings(env_name, dataset, preset, overrides)
+    env = envs.make(env_name)
+    transitions, metadata, name, _ = run_lib._dataset_stage(env_name, dataset, config, seed,
+                                                            data_dir)
+    directory = os.path.join(out_dir, env_name, name)
+    the_run = run_lib.Run(directory, force)
+    os.makedirs(directory, exist_ok=True)
+    # The keys `experiments.run` gives its trained methods, so that its stored
+    # simulators are reused (and ours are reused by it).
+    dataset_key = {k: metadata.get(k) for k in ("path", "sha256", "env", "dataset", "seed",
+                                                 "num_agents", "policies_sha256")}
+    _, test_ids = run_lib.test_agents_of(env, transitions)
+    persim = methods.PerSim(config.training())
+    population = methods.Population(config.training())
+    train_start = time.time()
+    [simulator], _ = run_lib.train_stage(the_run, persim, transitions, 1, seed,
+                                         run_lib._digest(dataset_key), test_ids)
+    [pooled], _ = run_lib.train_stage(the_run, population, transitions, 1, seed,
+                                      run_lib._digest(dataset_key), test_ids)
+    timing["train"] = round(time.time() - train_start, 2)
+
+    agents_key, log_key = jax.random.split(_key("agents", seed))
+    covariates = sample_new_agents(env, agents_key, num_new_agents,
+                                   None if transitions.covariates is None
+                                   else np.asarray(transitions.covariates))
+    new = log_new_agents(env, dataset, covariates, log_key)
+    lengths = new.transitions_per_agent()
+    _say(f"[new agents] {num_new_agents} unseen agents, one {dataset} trajectory each "
+         f"({int(lengths.min())}-{int(lengths.max())} transitions)")
+
+    retrain_start = time.time()
+    retrain_run = run_lib.Run(os.path.join(directory, "new_agents"), force)
+    combined = with_new_agents(transitions, new)
+    retrain_key = run_lib._digest({"dataset": dataset_key, "new_agents": covariates.tolist(),
+                                   "log_seed": seed})
+    [retrained], _ = run_lib.train_stage(retrain_run, persim, combined, 1, seed, retrain_key,
+                                         test_ids)
+    timing["retrain"] = round(time.time() - retrain_start, 2)
+
+    num_old = simulator.num_agents
+    new_ids = num_old + np.arange(num_new_agents)
+    episodes = config.prediction_episodes
+    prediction_key = _key("prediction", seed)
+    prediction_start = time.time()
+    _say(f"[prediction] {num_new_agents} new agents × {episodes} episodes, K in "
+         f"{[k or 'all' for k in transitions_per_agent]}")
+    per_k, simulators = [], {}
+    for count in transitions_per_agent:
+        fitted = simulator.add_agents(first_transitions(new, count))
+        simulators[count] = fitted
+        per_k.append(_prediction(prediction_key, fitted, env, covariates, new_ids, episodes))
+        _say(f"[prediction] K = {count or 'all'}: mean RMSE {np.mean(per_k[-1]):.5g}")
+    retrained_rmse = _prediction(prediction_key, retrained, env, covariates, new_ids, episodes)
+    population_rmse = _prediction(prediction_key, pooled, env, covariates,
+                                  np.zeros(num_new_agents, np.int64), episodes)
+    timing["prediction"] = round(time.time() - prediction_start, 2)
+
+    reward = None
+    if mpc_agents:
+        reward_start = time.time()
+        planner = run_lib.planner_for(env, config)
+        largest = transitions_per_agent[-1]
+        shown = covariates[:mpc_agents]
+        key = _key("reward", seed)
+        _say(f"[reward] MPC of {mpc_agents} new agents × {config.episodes} episodes: closed-form "
+             f"factors (K = {largest or 'all'}), retrained, true physics")
+        reward = {
+            "transitions_per_agent": largest if largest is not None else "all",
+            "agents": mpc_agents, "episodes": config.episodes,
+            "max_steps": config.max_steps or env.max_episode_steps,
+            "planner": run_lib.planner_description(planner),
+            "new": _reward(key, planner, evaluation.simulator_dynamics_for_agent(
+                simulators[largest], new_ids[:mpc_agents].tolist()), env, shown,
+                config.episodes, config.max_steps),
+            "retrained": _reward(key, planner, evaluation.simulator_dynamics_for_agent(
+                retrained, new_ids[:mpc_agents].tolist()), env, shown, config.episodes,
+                config.max_steps),
+            "true_env_mpc": _reward(key, planner, evaluation.true_env_dynamics_for_agent(env),
+                                    env, shown, config.episodes, config.max_steps),
+        }
+        timing["reward"] = round(time.time() - reward_start, 2)
+
+    rmse_new = np.asarray(per_k)                                          # (len(K), agents)
+    results = {
+        "env": env_name, "dataset": dataset, "preset": preset, "seed": seed,
+        "num_new_agents": num_new_agents,
+        "covariate_names": list(env.covariate_names),
+        "new_agents": covariates.tolist(),
+        "trajectory_lengths": lengths.tolist(),
+        "transitions_per_agent": [k if k is not None else "all" for k in transitions_per_agent],
+        "rmse_new": [float(x) for x in rmse_new.mean(axis=1)],
+        "rmse_new_std": [float(x) for x in rmse_new.std(axis=1)],
+        "rmse_new_per_agent": rmse_new.tolist(),
+        "rmse_retrained": float(np.mean(retrained_rmse)),
+        "rmse_retrained_per_agent": retrained_rmse,
+        "rmse_population": float(np.mean(population_rmse)),
+        "rmse_population_per_agent": population_rmse,
+        "prediction": {"episodes": episodes, "warmup": 10, "horizon": 50,
+                       "policy": "the env's test policy (the paper's protocol)"},
+        "reward": reward,
+        "ridge": [float(x) for x in np.asarray(simulator.validation_loss)],
+        "training": {"num_agents": transitions.num_agents,
+                     "num_transitions": transitions.num_transitions,
+                     "config": persim.description(), "rank": simulator.rank,
+                     "retrained_num_agents": combined.num_agents},
+        "backend": jax.default_backend(),
+    }
+    timing["total"] = round(time.time() - start, 2)
+    results["timing_s"] = timing
+    run_lib.write_json(os.path.join(directory, "new_agents.json"), results)
+    plot_rmse(results, os.path.join(directory, "new_agents.png"))
+    write_section(results, os.path.join(directory, "new_agents.md"))
+    _say(f"[report] {os.path.join(directory, 'new_agents.json')} ({timing['total']:.0f} s)")
+    return results
+
+
+# ---------------------------------------------------------------------------
+# Figure and report section
+
+
+def _x_positions(results: dict) -> np.ndarray:
+    """K on the x axis; the whole trajectory at its mean length."""
+    whole = float(np.mean(results["trajectory_lengths"]))
+    return np.asarray([whole if k == "all" else k for k in results["transitions_per_agent"]],
+                      np.float64)
+
+
+def plot_rmse(results: dict, path: str) -> str:
+    """RMSE of the new agents vs K, the retrained and population models as
+    horizontal references (log-log)."""
+    fig, ax = figures.plt.subplots(figsize=(5.5, 3.8))
+    x = _x_positions(results)
+    ax.errorbar(x, results["rmse_new"], yerr=results["rmse_new_std"], marker="o", capsize=3,
+                label="closed-form factor from K transitions")
+    ax.axhline(results["rmse_retrained"], color="tab:green", linestyle="--",
+               label="retrained with the new agents")
+    ax.axhline(results["rmse_population"], color="tab:red", linestyle=":",
+               label="population model (no agent factor)")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.xaxis.set_minor_locator(figures.matplotlib.ticker.NullLocator())
+    ax.set_xticks(x)
+    ax.set_xticklabels([str(k) for k in results["transitions_per_agent"]])
+    ax.set_xlabel("transitions per new agent (K)")
+    ax.set_ylabel("open-loop RMSE (10 + 50 steps)")
+    title = paper.DISPLAY_NAMES.get(results["env"], results["env"])
+    ax.set_title(f"{title} / {results['dataset']}: {results['num_new_agents']} unseen agents")
+    ax.legend(fontsize=8, loc="best")
+    return figures._save(fig, path)
+
+
+def render_section(results: dict) -> str:
+    """The report section (markdown)."""
+    lines = [f"## New agents without retraining ({results['env']} / {results['dataset']}, "
+             f"{results['preset']} preset)", "",
+             f"{results['num_new_agents']} agents drawn uniformly from the env's ranges (none "
+             f"of the dataset's), one {results['dataset']} trajectory each "
+             f"({min(results['trajectory_lengths'])}-{max(results['trajectory_lengths'])} "
+             f"transitions). Their factors are fitted in closed form from their first K "
+             f"transitions (`Simulator.add_agents`); the prediction error is the paper's "
+             f"(test policy, {results['prediction']['episodes']} episodes per agent, 10 "
+             f"teacher-forced + 50 open-loop steps), mean ± std over the new agents.", "",
+             "| K | RMSE (new, closed form) |", "|---|---|"]
+    for k, mean, std in zip(results["transitions_per_agent"], results["rmse_new"],
+                            results["rmse_new_std"]):
+        lines.append(f"| {k} | {mean:.4g} ± {std:.2g} |")
+    lines += ["", f"References on the same agents and episodes: retrained with their whole "
+              f"trajectories {results['rmse_retrained']:.4g}; population model "
+              f"{results['rmse_population']:.4g}.", ""]
+    reward = results.get("reward")
+    if reward:
+        lines += [f"MPC reward of the first {reward['agents']} new agents "
+                  f"({reward['episodes']} episodes each, K = {reward['transitions_per_agent']}): "
+                  f"closed form {reward['new']['mean']:.1f}, retrained "
+                  f"{reward['retrained']['mean']:.1f}, true env + MPC "
+                  f"{reward['true_env_mpc']['mean']:.1f}.", ""]
+    lines += ["![RMSE vs K](new_agents.png)", ""]
+    return "\n".join(lines)
+
+
+def write_section(results: dict, path: str) -> str:
+    with data.atomic_write(path, "w") as handle:
+        handle.write(render_section(results))
+    figures._readable(path)
+    return path
+
+
+def main(argv):
+    run_lib._show_progress()
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    if FLAGS.env is None:
+        print("error: --env is required", file=sys.stderr)
+        return 2
+    try:
+        results = run_new_agents(FLAGS.env, FLAGS.dataset, preset=FLAGS.preset,
+                                 seed=FLAGS.seed, out_dir=FLAGS.out_dir,
+                                 data_dir=FLAGS.data_dir, num_new_agents=FLAGS.num_new_agents,
+                                 mpc_agents=FLAGS.mpc_agents, force=FLAGS.force)
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(render_section(results))
+    print(json.dumps({k: results[k] for k in ("transitions_per_agent", "rmse_new",
+                                               "rmse_retrained", "rmse_population")}))
+    return 0
+
+
+if __name__ == "__main__":
+    define_flags()
+    app.run(main)
