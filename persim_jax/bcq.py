@@ -51,7 +51,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
 import json
 import os
 from typing import Any, ClassVar, Sequence
@@ -63,7 +62,7 @@ import optax
 from flax import serialization, struct
 from tqdm.auto import tqdm
 
-from persim_jax import evaluation
+from persim_jax import checkpoints, evaluation
 from persim_jax.data import Transitions, atomic_write, validate_transitions
 from persim_jax.methods import Method
 from persim_jax.model import MLP, mlp_layers
@@ -616,7 +615,7 @@ def fit(transitions: Transitions, config: BCQConfig | None = None, *, key: jax.A
     manager = run = None
     if checkpoint_dir is not None:
         run = _run_description(data, config, key, transitions.discrete, agent_ids)
-        manager = _checkpoint_manager(os.fspath(checkpoint_dir))
+        manager = checkpoints.manager(checkpoint_dir)
     state = _train_chunks(state, data, keys[:, 1], config, transitions.discrete,
                           int(chunk_iterations), manager, run, progress)
     if transitions.discrete:
@@ -634,7 +633,8 @@ def _train_chunks(state, data: PolicyData, keys, config: BCQConfig, discrete: bo
     start, bar = 0, None
     try:
         if manager is not None:
-            state, start = _maybe_restore(manager, state, run, config.iterations)
+            state, start = checkpoints.restore_latest(manager, state, run,
+                                                      total=config.iterations, unit="iteration")
         bar = tqdm(total=config.iterations, initial=start, disable=not progress,
                    desc=f"bcq ({data.count.shape[0]} policies)", unit="it", leave=False)
         while start < config.iterations:
@@ -643,72 +643,30 @@ def _train_chunks(state, data: PolicyData, keys, config: BCQConfig, discrete: bo
             state, metrics = program(state, data, keys, start)
             start += length
             if manager is not None:
-                import orbax.checkpoint as ocp
-
-                manager.save(start, args=ocp.args.Composite(
-                    state=ocp.args.StandardSave(state), run=ocp.args.JsonSave(run)),
-                    force=True)
+                checkpoints.save(manager, start, state, run, force=True)
             bar.update(length)
             bar.set_postfix({name: f"{float(np.mean(value)):.4g}"
                              for name, value in metrics.items()})
     finally:
         if bar is not None:
             bar.close()
-        if manager is not None:
-            manager.wait_until_finished()
-            manager.close()
+        checkpoints.close(manager)
     return state
 
 
 # ---------------------------------------------------------------------------
-# Checkpoints (as `persim_jax.train`)
-
-
-def _checkpoint_manager(directory: str):
-    import orbax.checkpoint as ocp
-
-    options = ocp.CheckpointManagerOptions(max_to_keep=2, create=True)
-    return ocp.CheckpointManager(os.path.abspath(directory), options=options,
-                                 item_names=("state", "run"))
-
-
-def _maybe_restore(manager, state, run: dict, iterations: int):
-    """(state, completed iterations) from the latest checkpoint, if any."""
-    import orbax.checkpoint as ocp
-
-    step = manager.latest_step()
-    if step is None:
-        return state, 0
-    saved = manager.restore(step, args=ocp.args.Composite(run=ocp.args.JsonRestore()))["run"]
-    differ = sorted(k for k in set(run) | set(saved) if run.get(k) != saved.get(k))
-    if differ:
-        raise ValueError(
-            f"checkpoint_dir: {manager.directory} holds a different run (differs in "
-            f"{', '.join(differ)}); use another directory or delete it")
-    if step > iterations:
-        raise ValueError(f"iterations: the checkpoint in {manager.directory} is at iteration "
-                         f"{step}, past iterations={iterations}")
-    template = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
-    restored = manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(template)))["state"]
-    return restored, step
+# Checkpoints
 
 
 def _run_description(data: PolicyData, config: BCQConfig, key, discrete: bool,
                      agent_ids) -> dict:
     """What must match for a checkpoint to be resumed (JSON-able): the data's
     digest, the config (`iterations` aside: a run may be extended), the key."""
-    if jnp.issubdtype(jnp.asarray(key).dtype, jax.dtypes.prng_key):
-        key = jax.random.key_data(key)
-    digest = hashlib.sha256()
-    for array in jax.tree.leaves(data):
-        array = np.ascontiguousarray(np.asarray(array))
-        digest.update(str((array.shape, array.dtype.str)).encode())
-        digest.update(array.tobytes())
     description = {"format": CHECKPOINT_FORMAT, "discrete": bool(discrete),
                    **{k: v for k, v in config.to_dict().items() if k != "iterations"},
                    "agent_ids": None if agent_ids is None else [int(a) for a in agent_ids],
-                   "key": np.asarray(key).tolist(), "data_sha256": digest.hexdigest()}
+                   "key": checkpoints.key_list(key),
+                   "data_sha256": checkpoints.data_digest(jax.tree.leaves(data))}
     return json.loads(json.dumps(description))
 
 

@@ -31,7 +31,6 @@ import tempfile
 from typing import Any, Iterator, Mapping, NamedTuple, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import struct
 

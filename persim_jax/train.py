@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
 import math
 import os
 from typing import Any, Callable
@@ -34,6 +33,7 @@ import optax
 from flax import struct
 from tqdm.auto import tqdm
 
+from persim_jax import checkpoints
 from persim_jax import model as model_lib
 from persim_jax.data import Transitions, validate_transitions
 from persim_jax.model import ModelConfig, NormStats, Simulator
@@ -429,7 +429,7 @@ def _fit_rank(transitions: Transitions, config: TrainConfig, rank: int, key: jax
     manager = run = None
     if checkpoint_dir is not None:
         run = _run_description(transitions, model_config, config, key, batch_size)
-        manager = _checkpoint_manager(os.path.join(os.fspath(checkpoint_dir), f"rank_{rank}"),
+        manager = checkpoints.manager(os.path.join(os.fspath(checkpoint_dir), f"rank_{rank}"),
                                       checkpoint_every)
     state = _train_epochs(state, epoch_fn, train, validation, shuffle_key, rank=rank,
                           epochs=config.epochs, manager=manager, run=run,
@@ -459,7 +459,8 @@ def _train_epochs(state: TrainState, epoch_fn, train: Batch, validation: Batch,
     start, bar = 0, None
     try:
         if manager is not None:
-            state, start = _maybe_restore(manager, state, run, epochs)
+            state, start = checkpoints.restore_latest(manager, state, run, total=epochs,
+                                                      unit="epoch")
         bar = tqdm(total=epochs, initial=start, disable=not progress, desc=f"fit rank {rank}",
                    unit="epoch", leave=False)
         for epoch in range(start, epochs):
@@ -469,11 +470,7 @@ def _train_epochs(state: TrainState, epoch_fn, train: Batch, validation: Batch,
             # Orbax would also save the very first step; we save every K
             # epochs and after the last one only.
             if manager is not None and (done % checkpoint_every == 0 or done == epochs):
-                import orbax.checkpoint as ocp
-
-                manager.save(done, args=ocp.args.Composite(
-                    state=ocp.args.StandardSave(state), run=ocp.args.JsonSave(run)),
-                    force=done == epochs)
+                checkpoints.save(manager, done, state, run, force=done == epochs)
             metrics = EpochMetrics(rank=rank, epoch=done, num_epochs=epochs,
                                    train_loss=np.asarray(train_loss),
                                    validation_loss=np.asarray(validation_loss),
@@ -486,45 +483,8 @@ def _train_epochs(state: TrainState, epoch_fn, train: Batch, validation: Batch,
     finally:
         if bar is not None:
             bar.close()
-        if manager is not None:
-            manager.wait_until_finished()
-            manager.close()
+        checkpoints.close(manager)
     return state
-
-
-# ---------------------------------------------------------------------------
-# Checkpoints
-
-
-def _checkpoint_manager(directory: str, every: int):
-    import orbax.checkpoint as ocp
-
-    options = ocp.CheckpointManagerOptions(save_interval_steps=every, max_to_keep=2,
-                                           create=True)
-    return ocp.CheckpointManager(os.path.abspath(directory), options=options,
-                                 item_names=("state", "run"))
-
-
-def _maybe_restore(manager, state: TrainState, run: dict, epochs: int):
-    """(state, completed epochs) from the latest checkpoint, if any."""
-    import orbax.checkpoint as ocp
-
-    step = manager.latest_step()
-    if step is None:
-        return state, 0
-    saved = manager.restore(step, args=ocp.args.Composite(run=ocp.args.JsonRestore()))["run"]
-    differ = sorted(k for k in set(run) | set(saved) if run.get(k) != saved.get(k))
-    if differ:
-        raise ValueError(
-            f"checkpoint_dir: {manager.directory} holds a different run (differs in "
-            f"{', '.join(differ)}); use another directory or delete it")
-    if step > epochs:
-        raise ValueError(f"epochs: the checkpoint in {manager.directory} is at epoch {step}, "
-                         f"past epochs={epochs}")
-    template = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
-    restored = manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(template)))["state"]
-    return restored, step
 
 
 def _run_description(transitions: Transitions, model_config: ModelConfig,
@@ -532,16 +492,6 @@ def _run_description(transitions: Transitions, model_config: ModelConfig,
     """What must match for a checkpoint to be resumed (JSON-able): the data's
     digest, the network, the key and the training config (`epochs` aside:
     a run may be resumed to train further)."""
-    if jnp.issubdtype(jnp.asarray(key).dtype, jax.dtypes.prng_key):
-        key_data = jax.random.key_data(key)
-    else:
-        key_data = key
-    digest = hashlib.sha256()
-    for array in (transitions.obs, transitions.action, transitions.next_obs,
-                  transitions.agent_id):
-        array = np.ascontiguousarray(np.asarray(array))
-        digest.update(str((array.shape, array.dtype.str)).encode())
-        digest.update(array.tobytes())
     # The network's sizes are in "model"; the rank of this checkpoint too.
     training = {k: v for k, v in dataclasses.asdict(config).items()
                 if k not in ("epochs", "rank", "rank_candidates", "state_hidden",
@@ -551,8 +501,9 @@ def _run_description(transitions: Transitions, model_config: ModelConfig,
         "model": _jsonable(model_config.to_dict()),
         **training,
         "batch_size": batch_size,
-        "key": np.asarray(key_data).tolist(),
-        "data_sha256": digest.hexdigest(),
+        "key": checkpoints.key_list(key),
+        "data_sha256": checkpoints.data_digest((transitions.obs, transitions.action,
+                                                transitions.next_obs, transitions.agent_id)),
     }
 
 

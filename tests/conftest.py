@@ -4,7 +4,6 @@ built once per session."""
 
 from __future__ import annotations
 
-import functools
 
 import jax
 import jax.numpy as jnp
