@@ -30,7 +30,8 @@ PLANNER_FIELDS = {
 
 _POSITIVE = ("trials", "num_agents", "ensemble_size", "epochs", "batch_size", "episodes",
              "prediction_episodes", "candidates", "horizon", "cem_elites", "max_steps",
-             "bcq_iterations", "policy_episodes")
+             "bcq_iterations", "policy_episodes", "cadm_iterations", "cadm_pairs_per_epoch",
+             "cadm_particles")
 
 
 class UserError(Exception):
@@ -61,6 +62,10 @@ class RunConfig:
       bcq_iterations: gradient steps of the BCQ baselines (paper: 5.5e5).
       policy_episodes: episodes per test agent of the model-free methods
         (paper: 100).
+      cadm_iterations: CaDM's fits (paper: 100, each ≤ 5 epochs).
+      cadm_pairs_per_epoch: (context, transition) pairs per CaDM epoch (None:
+        all, ≈ 10 × the transitions).
+      cadm_particles: PE-TS CaDM's particles when planning (paper: 20).
     """
 
     trials: int
@@ -87,6 +92,9 @@ class RunConfig:
     methods: tuple[str, ...] | None = None
     bcq_iterations: int | None = None
     policy_episodes: int | None = None
+    cadm_iterations: int | None = None
+    cadm_pairs_per_epoch: int | None = None
+    cadm_particles: int | None = None
 
     def __post_init__(self):
         if self.methods is not None:

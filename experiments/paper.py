@@ -80,12 +80,14 @@ TRAINING = {
 # The paper's protocol (section 6, appendix D/E): 500 agents, 5 trials of
 # M = 5 members trained 300 epochs (Adam 1e-3 halved at 150), 20 MPC episodes
 # per test agent and trial, 200 prediction episodes.
-# The model-free baselines (appendix D.2): BCQ trains 5.5e5 iterations and
-# plays 100 episodes per test agent.
+# The baselines (appendix D.2): BCQ trains 5.5e5 iterations and plays 100
+# episodes per test agent; CaDM trains 100 iterations (each a fit of ≤ 5
+# epochs over every (context, transition) pair), PE-TS plans with 20 particles.
 PAPER_PROTOCOL = dict(trials=5, num_agents=500, ensemble_size=5, epochs=300, batch_size=256,
                       learning_rate=1e-3, lr_halving_epochs=150, episodes=20, max_steps=None,
                       prediction_episodes=200, true_env_mpc=True, bcq_iterations=550_000,
-                      policy_episodes=100)
+                      policy_episodes=100, cadm_iterations=100, cadm_pairs_per_epoch=None,
+                      cadm_particles=20)
 
 # quick: each env × dataset in ≤ 10 min (CartPole, MountainCar) / ≤ 20 min
 # (HalfCheetah) on 2 CPU cores, generation of the dataset included. Smaller
@@ -94,14 +96,22 @@ PAPER_PROTOCOL = dict(trials=5, num_agents=500, ensemble_size=5, epochs=300, bat
 # ~2000 simulator steps per plan, ~50 min per episode). CartPole and
 # MountainCar compress the paper's schedule: the step size halves every
 # quarter of the run (paper: 300 epochs, halved at 150).
+# The baselines in the quick preset (CartPole, MountainCar): BCQ 5e4 of the
+# paper's 5.5e5 iterations and 20 of its 100 episodes; CaDM 4 of its 100
+# fits, each epoch 5e4 of the ~10^6 (context, transition) pairs, and PE-TS
+# plans with 5 particles (one per member) instead of 20.
+QUICK_BASELINES = dict(bcq_iterations=50_000, policy_episodes=20, cadm_iterations=4,
+                       cadm_pairs_per_epoch=50_000, cadm_particles=5)
+
 QUICK = {
     "cartpole": dict(trials=1, epochs=200, lr_halving_epochs=50, episodes=5,
-                     prediction_episodes=50, bcq_iterations=50_000, policy_episodes=20),
+                     prediction_episodes=50, **QUICK_BASELINES),
     "mountaincar": dict(trials=1, epochs=60, lr_halving_epochs=20, episodes=5,
-                        prediction_episodes=50, bcq_iterations=50_000, policy_episodes=20),
+                        prediction_episodes=50, **QUICK_BASELINES),
     "halfcheetah": dict(trials=1, num_agents=100, epochs=10, episodes=1, prediction_episodes=20,
                         true_env_mpc=False, candidates=50, horizon=10, cem_rounds=2,
-                        cem_elites=10, bcq_iterations=5_000, policy_episodes=1),
+                        cem_elites=10, bcq_iterations=5_000, policy_episodes=1,
+                        cadm_iterations=2, cadm_pairs_per_epoch=20_000, cadm_particles=5),
 }
 
 # A run's settings per preset and env: the protocol, the env's training

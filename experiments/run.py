@@ -62,7 +62,7 @@ from experiments import config as config_lib
 from experiments import paper
 from experiments.config import RunConfig, UserError
 from experiments.datagen import datasets, policies
-from persim_jax import data, evaluation, methods, train
+from persim_jax import data, evaluation, methods, planning, train
 from persim_jax.model import Simulator
 
 FLAGS = flags.FLAGS
@@ -115,6 +115,12 @@ def define_flags() -> None:
                       f"Methods to compare: {', '.join(METHODS)}, or all (default: persim, and "
                       f"true_env_mpc unless --notrue_env_mpc).")
     flags.DEFINE_integer("bcq_iterations", None, "BCQ gradient steps (paper: 5.5e5).")
+    flags.DEFINE_integer("cadm_iterations", None,
+                         "CaDM fits of <= 5 epochs each (paper: 100).")
+    flags.DEFINE_integer("cadm_pairs_per_epoch", None,
+                         "(context, transition) pairs per CaDM epoch (default: all).")
+    flags.DEFINE_integer("cadm_particles", None,
+                         "PE-TS CaDM particles when planning (paper: 20).")
     flags.DEFINE_integer("policy_episodes", None,
                          "Episodes per test agent of the model-free methods (paper: 100).")
     flags.DEFINE_list("skip", [], "Stages to skip: prediction, reward, plots.")
@@ -143,11 +149,31 @@ def _bcq(kind):
     return make
 
 
+def _cadm(probabilistic: bool):
+    def make(env, config: RunConfig):
+        from persim_jax import cadm
+
+        base, kind = (cadm.PE_TS, cadm.PETSCaDM) if probabilistic else (cadm.VANILLA,
+                                                                        cadm.VanillaCaDM)
+        fields = {"pairs_per_epoch": config.cadm_pairs_per_epoch}
+        if config.cadm_iterations is not None:
+            fields["iterations"] = config.cadm_iterations
+        if probabilistic and config.cadm_particles is not None:
+            fields["particles"] = config.cadm_particles
+        try:
+            return kind(dataclasses.replace(base, **fields))
+        except ValueError as error:
+            raise UserError(f"CaDM settings: {error}") from None
+    return make
+
+
 # The harness's methods, by name, in the reports' order: how each is built
 # from the env and the run's config.
 METHODS = {
     "persim": lambda env, config: methods.PerSim(config.training()),
     "true_env_mpc": lambda env, config: methods.TrueEnvMPC(env),
+    "vanilla_cadm": _cadm(probabilistic=False),
+    "pe_ts_cadm": _cadm(probabilistic=True),
     "bcq_p": _bcq(lambda bcq: bcq.BCQP),
     "bcq_a": _bcq(lambda bcq: bcq.BCQA),
     "population": lambda env, config: methods.Population(config.training()),
@@ -428,6 +454,12 @@ def reward_stage(run: Run, env, method: methods.Method, trained: list, covariate
     """MPC returns of `method` on the test agents: {mean, std, returns}, the
     std over trials (several) or over one trial's episodes."""
     model_based = method.kind == "model"
+    own = None
+    if model_based:       # a method may plan with its own objective (CaDM)
+        config_of_method = method.planner_config(planner.config)
+        if config_of_method != planner.config:
+            planner = planning.make_planner(config_of_method, env)
+            own = planner_description(planner)
     # Where the candidates run (shard_candidates) does not change the returns
     # (tests/test_evaluation.py): it is recorded but not part of the key.
     planner_key = ({k: v for k, v in planner_description(planner).items()
@@ -454,6 +486,8 @@ def reward_stage(run: Run, env, method: methods.Method, trained: list, covariate
     spread = means.std(axis=0) if len(trained) > 1 else per_trial[0].std(axis=1)
     result = {"mean": _floats(means.mean(axis=0)), "std": _floats(spread),
               "returns": per_trial.tolist() if method.trains else per_trial[0].tolist()}
+    if own is not None:
+        result["planner"] = own
     return run.store(stage, key, result, time.time() - start)
 
 

@@ -40,7 +40,7 @@ from __future__ import annotations
 import functools
 import math
 import warnings
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, NamedTuple, Protocol, Sequence, runtime_checkable
 
 import jax
 import jax.numpy as jnp
@@ -51,7 +51,9 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from persim_jax import planning
 from persim_jax.model import Simulator
 
-DynamicsForAgent = Callable[[jax.Array, jax.Array], planning.Dynamics]
+# (row () int, covariates (P,)) -> that agent's dynamics: a `planning.Dynamics`
+# or a `ContextualDynamics`.
+DynamicsForAgent = Callable[[jax.Array, jax.Array], Any]
 # policy(key, obs (D,)) -> action (() int32 or (A,) float32): who acts in the
 # prediction protocol (the paper's test policy); a pytree callable so that its
 # parameters are arguments of the compiled program.
@@ -61,6 +63,59 @@ Policy = Callable[[jax.Array, jax.Array], jax.Array]
 PolicyForAgent = Callable[[jax.Array, jax.Array], Policy]
 
 BATCH_AXIS = "episodes"
+
+
+# ---------------------------------------------------------------------------
+# Dynamics that adapt to the episode's history (CaDM)
+
+
+@runtime_checkable
+class ContextualDynamics(Protocol):
+    """A model whose predictions depend on what the agent did so far in the
+    episode (CaDM's context from its latest transitions), for the protocols.
+
+    A `dynamics_for_agent` may return one instead of a plain `Dynamics`. The
+    episode loops then carry its context: `init` at the reset, `observe`
+    after every real transition (`run_episodes`: each env step; the
+    prediction protocol: the teacher-forced warm-up steps only, after which
+    the context stays fixed for the open loop), and plan or predict on
+    `dynamics(context)`. All three are traced inside the compiled programs.
+    """
+
+    def init(self, key: jax.Array) -> Any:
+        """The context at the start of an episode (a pytree of arrays);
+        `key`: the episode's randomness for a stochastic model."""
+
+    def observe(self, context: Any, obs: jax.Array, action: jax.Array,
+                next_obs: jax.Array) -> Any:
+        """The context after the real transition obs (D,), action, next_obs (D,)."""
+
+    def dynamics(self, context: Any) -> planning.Dynamics:
+        """The dynamics (the contract of `planning`) under `context`."""
+
+
+class _Fixed(NamedTuple):
+    """A plain dynamics (or, for `POLICY_ACTOR`, a policy) as a
+    `ContextualDynamics` whose context is empty."""
+
+    fixed: Any
+
+    def init(self, key):
+        return ()
+
+    def observe(self, context, obs, action, next_obs):
+        return context
+
+    def dynamics(self, context):
+        return self.fixed
+
+
+def contextual(dynamics) -> ContextualDynamics:
+    """`dynamics` itself if it is a `ContextualDynamics`, else a wrapper
+    with an empty context."""
+    if isinstance(dynamics, ContextualDynamics):
+        return dynamics
+    return _Fixed(dynamics)
 
 
 # ---------------------------------------------------------------------------
@@ -160,22 +215,28 @@ def episode_return(key, planner: planning.Planner, dynamics: planning.Dynamics, 
     from the true observation and the env steps (`env.step_env`, no auto
     reset) with the agent's physics `params`. Rewards are summed until the
     first termination; the scan runs on (its later steps are ignored), so
-    that episodes of a batch stay in lock step.
+    that episodes of a batch stay in lock step. A `ContextualDynamics`
+    observes every real transition.
     """
     reset_key, run_key = jax.random.split(key)
     obs, state = env.reset(reset_key, params)
+    model = contextual(dynamics)
 
     def step(carry, key):
-        obs, state, plan_state, total, done = carry
+        obs, state, plan_state, context, total, done = carry
         plan_key, step_key = jax.random.split(key)
-        action, plan_state = planner.plan(plan_key, plan_state, obs, dynamics)
+        action, plan_state = planner.plan(plan_key, plan_state, obs, model.dynamics(context))
         next_obs, state, reward, terminated, _ = env.step_env(step_key, state, action, params)
+        context = model.observe(context, obs, action, next_obs)
         total = total + jnp.where(done, 0.0, reward)
         done = done | terminated
-        return (next_obs, state, plan_state, total, done), None
+        return (next_obs, state, plan_state, context, total, done), None
 
-    carry = (obs, state, planner.init(), jnp.zeros((), jnp.float32), jnp.array(False))
-    (_, _, _, total, _), _ = jax.lax.scan(step, carry, jax.random.split(run_key, max_steps))
+    # The context's key is folded from the episode's, so that the reset and
+    # step keys stay those of models without a context.
+    carry = (obs, state, planner.init(), model.init(jax.random.fold_in(key, 1)),
+             jnp.zeros((), jnp.float32), jnp.array(False))
+    (*_, total, _), _ = jax.lax.scan(step, carry, jax.random.split(run_key, max_steps))
     return total
 
 
@@ -403,22 +464,31 @@ def _prediction_episode(env, warmup, horizon, dynamics, policy, env_params, key)
     reset_key, run_key = jax.random.split(key)
     obs, state = env.reset(reset_key, env_params)
     obs = obs.astype(jnp.float32)
-    members = jnp.broadcast_to(obs, (_num_members(dynamics, policy, obs), *obs.shape))
+    model = contextual(dynamics)
+    context = model.init(jax.random.fold_in(key, 1))
+    members = jnp.broadcast_to(
+        obs, (_num_members(model.dynamics(context), policy, obs), *obs.shape))
 
     def step(carry, i):
         """Produces state i + 1 and every member's prediction of it."""
-        obs, state, members, alive = carry
+        obs, state, members, context, alive = carry
         policy_key, env_key = jax.random.split(jax.random.fold_in(run_key, i))
         action = policy(policy_key, obs)
         next_obs, state, _, terminated, _ = env.step_env(env_key, state, action, env_params)
         next_obs = next_obs.astype(jnp.float32)
         # Teacher forcing for the first `warmup` predictions, then each member's own open loop.
         source = jnp.where(i < warmup, jnp.broadcast_to(obs, members.shape), members)
-        members = dynamics(source[:, None], action[None])[:, 0]
+        members = model.dynamics(context)(source[:, None], action[None])[:, 0]
+        # A context sees the real transitions of the warm-up only: the one
+        # before the last teacher-forced prediction is the last it observes,
+        # and the open loop runs on that context (docs/design.md).
+        observed = model.observe(context, obs, action, next_obs)
+        context = jax.tree.map(lambda new, old: jnp.where(i < warmup - 1, new, old),
+                               observed, context)
         valid = alive & (i + 1 <= env.max_episode_steps)   # state i + 1 exists
-        return (next_obs, state, members, alive & ~terminated), (next_obs, members, valid)
+        return (next_obs, state, members, context, alive & ~terminated), (next_obs, members, valid)
 
-    carry = (obs, state, members, jnp.array(True))
+    carry = (obs, state, members, context, jnp.array(True))
     _, (true, predicted, valid) = jax.lax.scan(step, carry, jnp.arange(warmup + horizon))
     start = warmup - 1                            # scan output j is state j + 1
     return true[start:], jnp.moveaxis(predicted[start:], 0, 1), valid[start:]
@@ -533,7 +603,9 @@ def prediction_error(key: jax.Array, model, env, policy: Policy, covariates, age
       key: PRNG key; episode e of row a uses fold_in(fold_in(key, a), e).
       model: a `persim_jax.Simulator` (or an ensemble with its
         `predict_members`), or a method's `dynamics_for_agent(row, covariates
-        (P,)) -> dynamics(obs (M, B, D), action (B, ...)) -> (M, B, D)`.
+        (P,)) -> dynamics(obs (M, B, D), action (B, ...)) -> (M, B, D)` or a
+        `ContextualDynamics` (its context observes the warm-up's real
+        transitions, then stays fixed for the open loop).
       env: the environment.
       policy: `policy(key, obs (D,)) -> action`, ONE policy for every agent
         (the paper's test policy: `experiments.datagen.policies.test_policy`).

@@ -93,6 +93,12 @@ class Method(abc.ABC):
         forward pass the prediction protocol scores."""
         raise TypeError(f"{self.name} is not model-based")
 
+    def planner_config(self, config):
+        """The planner config this method plans with, given the run's
+        (`planning.RandomShootingConfig` / `CEMConfig`): the same by default;
+        a method with its own planning objective (CaDM) changes fields."""
+        return config
+
     def policy_for_agent(self, trained: Any, agent_ids: Sequence[int]
                          ) -> evaluation.PolicyForAgent:
         """Row i of the evaluated covariates -> agent `agent_ids[i]`'s policy

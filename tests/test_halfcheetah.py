@@ -319,18 +319,20 @@ def test_batched_step_equals_single_agent_steps(env, batch, batched_step):
     batched_obs, batched_reward = np.asarray(batched[0]), np.asarray(batched[2])
     assert batched_obs.shape == (NUM_BATCH_AGENTS, 18) and batched_reward.shape == (NUM_BATCH_AGENTS,)
 
-    # Each agent alone, through the unbatched jitted `env.step` of the other tests.
+    # Agents alone, through the unbatched jitted `env.step` of the other tests:
+    # 10 spread over the batch.
     host = jax.tree.map(np.asarray, (state, actions, params))
+    checked = np.linspace(0, NUM_BATCH_AGENTS - 1, 10).astype(int)
     single_obs, single_reward = [], []
-    for i in range(NUM_BATCH_AGENTS):
+    for i in checked:
         state_i, action_i, params_i = jax.tree.map(lambda leaf: leaf[i], host)
         obs_i, _, reward_i, _, _ = env.step(keys[i], state_i, action_i, params_i)
         single_obs.append(np.asarray(obs_i))
         single_reward.append(np.asarray(reward_i))
     single_obs, single_reward = np.stack(single_obs), np.stack(single_reward)
     # vmap may reorder float32 operations; the per-agent results agree to round-off.
-    np.testing.assert_allclose(batched_obs, single_obs, rtol=1e-4, atol=1e-4)
-    np.testing.assert_allclose(batched_reward, single_reward, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(batched_obs[checked], single_obs, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(batched_reward[checked], single_reward, rtol=1e-4, atol=1e-4)
     # The agents really differ: same action, different physics.
     same_action = jnp.broadcast_to(actions[0], actions.shape)
     spread = batched_step(keys, state, same_action, params)[0]
