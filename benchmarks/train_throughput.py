@@ -1,8 +1,8 @@
 """Training throughput at the paper's model sizes: the simulators, and the
-BCQ baselines.
+CaDM and BCQ baselines.
 
     python -m benchmarks.train_throughput [--settings=cartpole,halfcheetah] [--agents=500]
-    python -m benchmarks.train_throughput --baselines=bcq_p,bcq_a [--settings=cartpole]
+    python -m benchmarks.train_throughput --baselines=vanilla_cadm,pe_ts_cadm,bcq_p,bcq_a
 
 Prints one JSON line per setting: training transitions per second of one
 jitted epoch of `persim_jax.train` (M ensemble members trained together, each
@@ -16,6 +16,11 @@ With `--baselines`, a line per baseline and setting instead: BCQ gradient
 steps per second of each policy (`iterations_per_s`) at the paper's batch and
 layer sizes, one jitted chunk of `--bcq_chunk` iterations vmapped over the
 policies (BCQ-P: 1 policy on every transition; BCQ-A: 5, one per test agent).
+CaDM: (context, transition) pairs per second of one jitted epoch of
+`--cadm_batches` minibatches of 256 per member (`pairs_per_s` counts each
+member's pairs: PE-TS trains 5 members), and what one epoch over every pair
+of 500 agents × `--cadm_steps` transitions takes (`epoch_s`; the paper trains
+up to 100 × 5 of them).
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ from absl import app, flags
 
 from benchmarks.common import best_time, emit, machine
 from experiments import paper
-from persim_jax import bcq, data, model, train
+from persim_jax import bcq, cadm, data, model, train
 
 # CartPole-like: D = 4, 2 discrete actions; HalfCheetah-like: D = 18, A = 6.
 SETTINGS = {
@@ -45,8 +50,14 @@ _BATCH = flags.DEFINE_integer("batch_size", 256, "Minibatch size.")
 _BATCHES = flags.DEFINE_integer(
     "batches", 0, "Minibatches per timed epoch (0: 100 classic, 10 halfcheetah).")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed repeats; the best is reported.")
-_BASELINES = flags.DEFINE_list("baselines", [], "Baselines to time as well: bcq_p, bcq_a.")
+_BASELINES = flags.DEFINE_list(
+    "baselines", [], "Baselines to time instead: vanilla_cadm, pe_ts_cadm, bcq_p, bcq_a.")
 _BCQ_CHUNK = flags.DEFINE_integer("bcq_chunk", 2000, "BCQ iterations per timed call.")
+_CADM_BATCHES = flags.DEFINE_integer("cadm_batches", 50, "CaDM minibatches per timed epoch.")
+_CADM_STEPS = flags.DEFINE_integer(
+    "cadm_steps", 180, "Transitions per agent for CaDM's epoch estimate (CartPole pure: ~180).")
+
+BASELINES = ("vanilla_cadm", "pe_ts_cadm", "bcq_p", "bcq_a")
 
 
 def synthetic_batch(key, num_rows, config: model.ModelConfig) -> train.Batch:
@@ -136,20 +147,49 @@ def measure_bcq(name: str, baseline: str, chunk: int, repeats: int) -> dict:
             "paper_iterations_s": round(550_000 * seconds / chunk, 1), **machine()}
 
 
+def measure_cadm(name: str, baseline: str, batches: int, repeats: int, steps: int) -> dict:
+    """CaDM pairs per second (all members), one compiled epoch timed."""
+    transitions = synthetic_transitions(jax.random.PRNGKey(0), name, 20, 200)
+    config = cadm.PE_TS if baseline == "pe_ts_cadm" else cadm.VANILLA
+    pairs = cadm.pair_data(transitions, config)
+    stats = cadm.compute_stats(pairs, transitions.discrete)
+    params = cadm.init_params(jax.random.PRNGKey(1), config, transitions.obs_dim,
+                              int(pairs.action.shape[-1]))
+    opt_state = cadm.make_optimizer(config).init(params)
+    order = jax.random.randint(jax.random.PRNGKey(2),
+                               (batches, config.ensemble_size, config.batch_size), 0,
+                               pairs.pairs.shape[0])
+    program = cadm._epoch_program(config)
+    fn = functools.partial(program, params, opt_state, stats, pairs, order)
+    jax.block_until_ready(fn())  # compile
+    seconds = best_time(fn, repeats)
+    member_pairs = batches * config.ensemble_size * config.batch_size
+    per_epoch = 500 * steps * config.future        # pairs of 500 agents' trajectories (≈)
+    return {"bench": "train_baseline", "baseline": baseline, "setting": name,
+            "members": config.ensemble_size, "batch_size": config.batch_size,
+            "pairs_per_s": round(member_pairs / seconds, 1),
+            "epoch_s": round(per_epoch * config.ensemble_size * seconds / member_pairs, 1),
+            **machine()}
+
+
 def main(argv):
     del argv
     for name in _SETTINGS.value:
         if name not in SETTINGS:
             raise app.UsageError(f"--settings: unknown {name!r}; known: {sorted(SETTINGS)}")
-        unknown = sorted(set(_BASELINES.value) - {"bcq_p", "bcq_a"})
+        unknown = sorted(set(_BASELINES.value) - set(BASELINES))
         if unknown:
-            raise app.UsageError(f"--baselines: unknown {unknown}; known: bcq_p, bcq_a")
+            raise app.UsageError(f"--baselines: unknown {unknown}; known: {', '.join(BASELINES)}")
         if not _BASELINES.value:
             batches = _BATCHES.value or (10 if name == "halfcheetah" else 100)
             emit(measure(name, _AGENTS.value, _ENSEMBLE.value, _BATCH.value, batches,
                          _REPEATS.value))
         for baseline in _BASELINES.value:
-            emit(measure_bcq(name, baseline, _BCQ_CHUNK.value, _REPEATS.value))
+            if baseline.endswith("cadm"):
+                emit(measure_cadm(name, baseline, _CADM_BATCHES.value, _REPEATS.value,
+                                  _CADM_STEPS.value))
+            else:
+                emit(measure_bcq(name, baseline, _BCQ_CHUNK.value, _REPEATS.value))
 
 
 if __name__ == "__main__":
