@@ -213,11 +213,13 @@ def _how_to_read(results: dict, has_paper: bool) -> str:
         "agent's episodes; lower is better. **Median R²** is the median over episodes of the "
         "variance-weighted R² of those predictions: 1 is perfect, 0 is no better than predicting "
         "the mean, negative is worse than that.",
-        "- **Reward** is the return of model-predictive control planning through the learned "
-        "simulator (PerSim) or through the true environment (True env + MPC, an upper "
-        "reference). The paper's ± is the standard deviation over 5 trials, each an "
-        "independently seeded model training; ours says above what it is over (with one "
-        "trial, that trial's episodes).",
+        "- **Reward** is the return of model-predictive control planning through a learned "
+        "model (PerSim, CaDM, the population and per-agent models) or through the true "
+        "environment (True env + MPC, an upper reference), or of a model-free policy's "
+        "episodes (BCQ-P, BCQ-A). CaDM plans with its own objective (the particles' mean of "
+        "undiscounted returns, at most 200 candidates). The paper's ± is the standard "
+        "deviation over 5 trials, each an independently seeded model training; ours says "
+        "above what it is over (with one trial, that trial's episodes).",
         "- Columns are the test agents, labelled by their parameters; the last column averages "
         "over them.",
     ]
@@ -229,8 +231,9 @@ def _how_to_read(results: dict, has_paper: bool) -> str:
         text.append("- The paper has no numbers for this data, so only our rows are shown.")
     if preset == "quick":
         text.append("- Our rows use the **quick** preset (fewer trials, episodes, epochs and "
-                    "candidates than the paper), so they are indicative, not a reproduction; "
-                    "run with `--preset=paper` for the paper's protocol.")
+                    "candidates than the paper; the baselines fewer iterations, CaDM fewer "
+                    "pairs per epoch and PE-TS 5 particles), so they are indicative, not a "
+                    "reproduction; run with `--preset=paper` for the paper's protocol.")
     return "\n".join(text + [""])
 
 
