@@ -139,7 +139,7 @@ def test_context_tells_agents_apart(cartpole_data, vanilla):
 def test_pe_ts_members_disagree_more_off_the_data(cartpole_data):
     transitions, _ = cartpole_data
     config = dataclasses.replace(SMALL, ensemble_size=3, probabilistic=True, particles=6,
-                                 iterations=1)
+                                 iterations=1, pairs_per_epoch=5_000)
     model = cadm.fit(transitions, config, key=jax.random.PRNGKey(1), progress=False)
     assert model.validation_loss.shape == (3,)
     dynamics = cadm.CaDMDynamics(model, for_planning=False)
