@@ -141,7 +141,7 @@ def _prediction(key, model, env, covariates, agent_ids, episodes: int) -> list[f
     """Per-agent mean open-loop RMSE (the paper's protocol, the test policy)."""
     errors = evaluation.prediction_error(key, model, env, policies.test_policy(env), covariates,
                                          agent_ids, num_episodes=episodes)
-    return [float(x) for x in errors.summary()["rmse"]]
+    return errors.summary()["rmse"]
 
 
 def _reward(key, planner, dynamics_for_agent, env, covariates, episodes, max_steps) -> dict:
@@ -150,6 +150,18 @@ def _reward(key, planner, dynamics_for_agent, env, covariates, episodes, max_ste
     per_agent = returns.mean(axis=1)
     return {"mean": float(per_agent.mean()), "per_agent": [float(x) for x in per_agent],
             "std_over_episodes": [float(x) for x in returns.std(axis=1)]}
+
+
+def _numbers(values) -> list:
+    """Floats for JSON, None where not finite (an agent whose predictions
+    diverged)."""
+    return [float(x) if np.isfinite(x) else None for x in np.asarray(values, np.float64)]
+
+
+def _mean(values) -> float | None:
+    """Mean over agents, None if any agent's value is not finite."""
+    values = np.asarray(values, np.float64)
+    return float(values.mean()) if np.all(np.isfinite(values)) else None
 
 
 def _key(name: str, seed: int) -> jax.Array:
@@ -225,11 +237,13 @@ def run_new_agents(env_name: str, dataset: str, *, preset: str = "quick", seed: 
         fitted = simulator.add_agents(first_transitions(new, count))
         simulators[count] = fitted
         per_k.append(_prediction(prediction_key, fitted, env, covariates, new_ids, episodes))
-        _say(f"[prediction] K = {count or 'all'}: mean RMSE {np.mean(per_k[-1]):.5g}")
+        _say(f"[prediction] K = {count or 'all'}: mean RMSE {_mean(per_k[-1])}")
     retrained_rmse = _prediction(prediction_key, retrained, env, covariates, new_ids, episodes)
     population_rmse = _prediction(prediction_key, pooled, env, covariates,
                                   np.zeros(num_new_agents, np.int64), episodes)
     timing["prediction"] = round(time.time() - prediction_start, 2)
+    _say(f"[prediction] references: retrained {_mean(retrained_rmse)}, population "
+         f"{_mean(population_rmse)}")
 
     reward = None
     if mpc_agents:
@@ -264,13 +278,13 @@ def run_new_agents(env_name: str, dataset: str, *, preset: str = "quick", seed: 
         "new_agents": covariates.tolist(),
         "trajectory_lengths": lengths.tolist(),
         "transitions_per_agent": [k if k is not None else "all" for k in transitions_per_agent],
-        "rmse_new": [float(x) for x in rmse_new.mean(axis=1)],
-        "rmse_new_std": [float(x) for x in rmse_new.std(axis=1)],
-        "rmse_new_per_agent": rmse_new.tolist(),
-        "rmse_retrained": float(np.mean(retrained_rmse)),
-        "rmse_retrained_per_agent": retrained_rmse,
-        "rmse_population": float(np.mean(population_rmse)),
-        "rmse_population_per_agent": population_rmse,
+        "rmse_new": [_mean(row) for row in rmse_new],
+        "rmse_new_std": _numbers(rmse_new.std(axis=1)),
+        "rmse_new_per_agent": [_numbers(row) for row in rmse_new],
+        "rmse_retrained": _mean(retrained_rmse),
+        "rmse_retrained_per_agent": _numbers(retrained_rmse),
+        "rmse_population": _mean(population_rmse),
+        "rmse_population_per_agent": _numbers(population_rmse),
         "prediction": {"episodes": episodes, "warmup": 10, "horizon": 50,
                        "policy": "the env's test policy (the paper's protocol)"},
         "reward": reward,
@@ -295,8 +309,10 @@ def run_new_agents(env_name: str, dataset: str, *, preset: str = "quick", seed: 
 
 
 def _x_positions(results: dict) -> np.ndarray:
-    """K on the x axis; the whole trajectory at its mean length."""
-    whole = float(np.mean(results["trajectory_lengths"]))
+    """K on the x axis; the whole trajectory at its mean length, or right of
+    the largest K when the trajectories are shorter on average."""
+    counts = [k for k in results["transitions_per_agent"] if k != "all"]
+    whole = max(float(np.mean(results["trajectory_lengths"])), 1.5 * max(counts, default=1))
     return np.asarray([whole if k == "all" else k for k in results["transitions_per_agent"]],
                       np.float64)
 
@@ -306,12 +322,22 @@ def plot_rmse(results: dict, path: str) -> str:
     horizontal references (log-log)."""
     fig, ax = figures.plt.subplots(figsize=(5.5, 3.8))
     x = _x_positions(results)
-    ax.errorbar(x, results["rmse_new"], yerr=results["rmse_new_std"], marker="o", capsize=3,
+    as_array = lambda values: np.asarray([np.nan if v is None else v for v in values], float)
+    new = as_array(results["rmse_new"])
+    ax.errorbar(x, new, yerr=as_array(results["rmse_new_std"]), marker="o", capsize=3,
                 label="closed-form factor from K transitions")
-    ax.axhline(results["rmse_retrained"], color="tab:green", linestyle="--",
-               label="retrained with the new agents")
-    ax.axhline(results["rmse_population"], color="tab:red", linestyle=":",
-               label="population model (no agent factor)")
+    # A reference far above the new agents' curve (a diverging open loop) is
+    # named in the legend rather than drawn, so that the curve stays readable.
+    ceiling = 100 * np.nanmax(new) if np.isfinite(new).any() else np.inf
+    for name, style, label in (("rmse_retrained", dict(color="tab:green", linestyle="--"),
+                                "retrained with the new agents"),
+                               ("rmse_population", dict(color="tab:red", linestyle=":"),
+                                "population model (no agent factor)")):
+        value = results[name]
+        if value is not None and value <= ceiling:
+            ax.axhline(value, label=label, **style)
+        else:
+            ax.plot([], [], label=f"{label}: {_text(value, 2)}, off the chart", **style)
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.xaxis.set_minor_locator(figures.matplotlib.ticker.NullLocator())
@@ -323,6 +349,10 @@ def plot_rmse(results: dict, path: str) -> str:
     ax.set_title(f"{title} / {results['dataset']}: {results['num_new_agents']} unseen agents")
     ax.legend(fontsize=8, loc="best")
     return figures._save(fig, path)
+
+
+def _text(value, digits: int = 4) -> str:
+    return "diverged" if value is None else f"{value:.{digits}g}"
 
 
 def render_section(results: dict) -> str:
@@ -339,10 +369,10 @@ def render_section(results: dict) -> str:
              "| K | RMSE (new, closed form) |", "|---|---|"]
     for k, mean, std in zip(results["transitions_per_agent"], results["rmse_new"],
                             results["rmse_new_std"]):
-        lines.append(f"| {k} | {mean:.4g} ± {std:.2g} |")
+        lines.append(f"| {k} | {_text(mean)} ± {_text(std, 2)} |")
     lines += ["", f"References on the same agents and episodes: retrained with their whole "
-              f"trajectories {results['rmse_retrained']:.4g}; population model "
-              f"{results['rmse_population']:.4g}.", ""]
+              f"trajectories {_text(results['rmse_retrained'])}; population model "
+              f"{_text(results['rmse_population'])}.", ""]
     reward = results.get("reward")
     if reward:
         lines += [f"MPC reward of the first {reward['agents']} new agents "

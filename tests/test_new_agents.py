@@ -197,6 +197,25 @@ def test_closed_form_is_the_gradient_descent_minimiser(kind, mountaincar_fit, ne
     np.testing.assert_allclose(closed, descended, rtol=0, atol=1e-4 * np.abs(descended).max())
 
 
+def test_one_transition_and_a_tiny_noise_variance_give_a_finite_factor(mountaincar_fit,
+                                                                        newcomer_data):
+    # One MountainCar transition: 2 equations for 3 unknowns, a singular
+    # system that only the prior completes; with λ = 1e-12, float32 rounding
+    # would decide the undetermined direction without RELATIVE_RIDGE_FLOOR
+    # (NaN, or factors orders of magnitude outside the training factors).
+    simulator, _ = mountaincar_fit
+    new, _ = newcomer_data
+    one, _ = first_steps(new, 1)
+    fitted = np.asarray(newcomers.fit_factors(simulator, one, ridge=1e-12))       # (M, K, r)
+    assert np.all(np.isfinite(fitted))
+    for old, fresh in zip(np.asarray(simulator.agent_factors(member=None), np.float64), fitted):
+        # Squared Mahalanobis distance to the training factors' distribution
+        # (a training agent's is r on average).
+        precision = np.linalg.inv(np.cov(old.T, bias=True))
+        gap = fresh - old.mean(0)
+        assert np.einsum("kr,rs,ks->k", gap, precision, gap).max() < 1e4
+
+
 # ---------------------------------------------------------------------------
 # Old agents, indexing, files
 
