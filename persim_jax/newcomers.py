@@ -14,14 +14,16 @@ under a Gaussian prior fitted to the training agents' factors,
 
 μ, Σ the mean and covariance (ddof 0) of the member's N training factors and
 λ the member's noise variance per equation (its validation MSE, the same
-quantity in the same space) unless given (raised where float32 rounding
-would decide: `RELATIVE_RIDGE_FLOOR`). With one or two transitions (fewer
+quantity in the same space) unless given. With one or two transitions (fewer
 equations than unknowns) the prior fills the undetermined directions instead
 of leaving a singular system; with many, the data dominate.
 
 (1) is solved in whitened coordinates u = μ + Σ^{1/2} z, where the penalty
 is λ‖z‖² and a singular Σ (e.g. a population simulator: one agent) needs no
-inverse: directions in which the training factors do not vary stay at μ.
+inverse: directions in which the training factors do not vary stay at μ. The
+whitened system is diagonalised (`eigh`); directions that the data determine
+below float32 precision (`RELATIVE_CURVATURE_CUTOFF`) also stay at μ, which
+matters when λ is tiny (a raw-units model with a small validation MSE).
 
     simulator = persim_jax.fit(transitions, rank=5, key=key)
     newcomers = persim_jax.load_csv("new_patients.csv", map_agent_ids=True)
@@ -47,12 +49,12 @@ from persim_jax.data import Transitions, validate_transitions
 # Noise variance used as λ when a member has no validation loss (trained with
 # validation_fraction=0): the scale of a well-fitted standardised model.
 DEFAULT_RIDGE = 1e-3
-# λ is raised to at least this share of tr(Σ^{1/2} G Σ^{1/2}): the float32
-# normal equations carry rounding of about 1e-7 of their scale in every
-# direction, and a direction the data determine less well than that is left to
-# the prior rather than to rounding. (Raw CartPole's validation MSE, ~1e-8,
-# gave NaN factors from 20 pure-policy transitions without it.)
-RELATIVE_RIDGE_FLOOR = 1e-6
+# Directions of the whitened normal equations whose curvature is below this
+# share of the largest are left at the prior: float32 normal equations carry
+# rounding of about 1e-7 of their scale in every direction, so there the data
+# do not determine the factor, rounding would. (Raw CartPole's validation MSE,
+# ~1e-8 as λ, gave NaN factors from 20 pure-policy transitions without it.)
+RELATIVE_CURVATURE_CUTOFF = 1e-6
 # Transitions reduced to normal equations at once (bounds the (chunk, D, r)
 # features and the state encoder's activations).
 CHUNK = 2048
@@ -151,14 +153,15 @@ def solve_factors(gram, moment, mean, root, ridge) -> jax.Array:
 
     Returns:
       (M, K, r) the factors u* = μ + Σ^{1/2} z*, where
-      (Σ^{1/2} G Σ^{1/2} + λ I) z* = Σ^{1/2} (b − G μ), λ at least
-      `RELATIVE_RIDGE_FLOOR` · tr(Σ^{1/2} G Σ^{1/2}).
+      (Σ^{1/2} G Σ^{1/2} + λ I) z* = Σ^{1/2} (b − G μ), solved in the
+      eigenbasis of Σ^{1/2} G Σ^{1/2}; z* is 0 along eigenvalues below
+      `RELATIVE_CURVATURE_CUTOFF` times the largest.
     """
     def one(gram, moment, mean, root, ridge):
-        curvature = root @ gram @ root
-        ridge = jnp.maximum(ridge, RELATIVE_RIDGE_FLOOR * jnp.trace(curvature))
-        system = curvature + ridge * jnp.eye(mean.shape[0], dtype=gram.dtype)
-        z = jnp.linalg.solve(system, root @ (moment - gram @ mean))
+        values, vectors = jnp.linalg.eigh(root @ gram @ root)
+        rhs = vectors.T @ (root @ (moment - gram @ mean))
+        determined = values > RELATIVE_CURVATURE_CUTOFF * values[-1]
+        z = vectors @ jnp.where(determined, rhs / (jnp.where(determined, values, 0) + ridge), 0)
         return mean + root @ z
 
     per_agent = jax.vmap(one, in_axes=(0, 0, None, None, None))

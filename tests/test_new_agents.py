@@ -201,7 +201,7 @@ def test_one_transition_and_a_tiny_noise_variance_give_a_finite_factor(mountainc
                                                                         newcomer_data):
     # One MountainCar transition: 2 equations for 3 unknowns, a singular
     # system that only the prior completes; with λ = 1e-12, float32 rounding
-    # would decide the undetermined direction without RELATIVE_RIDGE_FLOOR
+    # would decide the undetermined direction without RELATIVE_CURVATURE_CUTOFF
     # (NaN, or factors orders of magnitude outside the training factors).
     simulator, _ = mountaincar_fit
     new, _ = newcomer_data
