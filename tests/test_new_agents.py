@@ -138,7 +138,7 @@ def objective(factor, params, stats, config, obs, action, next_obs, mean, precis
     return jnp.sum((pred - target) ** 2) + ridge * gap @ precision @ gap
 
 
-def gradient_descent(loss, start, steps=3000):
+def gradient_descent(loss, start, steps=1500):
     """Nesterov's accelerated gradient descent for a strongly convex loss,
     step 1/L and momentum (√L − √μ)/(√L + √μ), L and μ the largest and
     smallest curvature at `start`."""
