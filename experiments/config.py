@@ -31,7 +31,7 @@ PLANNER_FIELDS = {
 _POSITIVE = ("trials", "num_agents", "ensemble_size", "epochs", "batch_size", "episodes",
              "prediction_episodes", "candidates", "horizon", "cem_elites", "max_steps",
              "bcq_iterations", "policy_episodes", "cadm_iterations", "cadm_pairs_per_epoch",
-             "cadm_particles")
+             "cadm_particles", "open_loop_steps")
 
 
 class UserError(Exception):
@@ -66,6 +66,8 @@ class RunConfig:
       cadm_pairs_per_epoch: (context, transition) pairs per CaDM epoch (None:
         all, ≈ 10 × the transitions).
       cadm_particles: PE-TS CaDM's particles when planning (paper: 20).
+      open_loop_steps: own data: k of the held-out k-step open-loop error
+        (None: `experiments.personalisation.DEFAULT_OPEN_LOOP_STEPS`).
     """
 
     trials: int
@@ -95,6 +97,7 @@ class RunConfig:
     cadm_iterations: int | None = None
     cadm_pairs_per_epoch: int | None = None
     cadm_particles: int | None = None
+    open_loop_steps: int | None = None
 
     def __post_init__(self):
         if self.methods is not None:
@@ -153,7 +156,7 @@ class RunConfig:
         return fields
 
 
-OVERRIDABLE = tuple(f.name for f in dataclasses.fields(RunConfig) if f.name != "action_hidden")
+OVERRIDABLE = tuple(f.name for f in dataclasses.fields(RunConfig))
 
 
 def resolve(env_name: str | None, dataset: str, preset: str = "quick",

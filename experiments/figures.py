@@ -2,6 +2,7 @@
 
 - `plot_tsne`: t-SNE of the learned agent factors in 2-D, one scatter per
   covariate coloured by it (the paper's Figures 1 and 5).
+- `plot_tsne_factors`: the same embedding alone, for data without covariates.
 - `plot_trajectories`: predicted vs true states of a few test agents, one
   column per agent and one row per state dimension (the paper's Figure 4).
 
@@ -28,22 +29,25 @@ from persim_jax.data import atomic_write  # noqa: E402
 
 
 def _save(fig, path: str) -> str:
-    """Writes `fig` as PNG to a temporary file beside `path`, then renames it."""
+    """Writes `fig` as PNG to a temporary file beside `path`, then renames it
+    (with a new file's usual permissions, `atomic_write`)."""
     try:
         with atomic_write(path, "wb") as handle:
             fig.savefig(handle, format="png", dpi=120, bbox_inches="tight")
     finally:
         plt.close(fig)
-    _readable(path)
     return path
 
 
-def _readable(path: str) -> None:
-    """atomic_write's temporary file is private (0600); give the result the
-    usual permissions of a new file."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)
+# Agents are named on a t-SNE figure when there are at most this many.
+MAX_LABELLED_AGENTS = 40
+
+
+def _label_points(ax, embedding: np.ndarray, labels: Sequence[str] | None) -> None:
+    if labels is None or len(labels) > MAX_LABELLED_AGENTS:
+        return
+    for (x, y), label in zip(embedding, labels):
+        ax.annotate(str(label), (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points")
 
 
 def _file_safe(name: str) -> str:
@@ -73,13 +77,16 @@ def tsne_embedding(factors: np.ndarray, random_state: int = 0) -> np.ndarray:
 
 def plot_tsne(factors: np.ndarray, covariates: np.ndarray, names: Sequence[str],
               path_prefix: str | os.PathLike, highlight: Sequence[int] | None = None,
-              member: int = 0, random_state: int = 0) -> list[str]:
+              member: int = 0, random_state: int = 0,
+              labels: Sequence[str] | None = None) -> list[str]:
     """t-SNE of the agent factors, one PNG per covariate coloured by it.
 
     factors: (N, r), or (M, N, r) per ensemble member (member `member` is used:
-    members' factors live in different bases). covariates: (N, P) with P names.
+    members' factors live in different bases). covariates: (N, P) with P names
+    (each figure is titled by its covariate's name, e.g. the file's column).
     Writes f"{path_prefix}_{name}.png" for each covariate name and returns the
-    paths. `highlight` marks some agents (e.g. the test agents 0..4).
+    paths. `highlight` marks some agents (e.g. the test agents 0..4); `labels`
+    (N agent ids) names the points when there are at most 40 agents.
     """
     factors = np.asarray(factors)
     if factors.ndim == 3:
@@ -105,12 +112,35 @@ def plot_tsne(factors: np.ndarray, covariates: np.ndarray, names: Sequence[str],
             ax.scatter(embedding[idx, 0], embedding[idx, 1], facecolors="none",
                        edgecolors="red", s=70, linewidths=1.2, label="test agents")
             ax.legend(loc="best", fontsize=8)
+        _label_points(ax, embedding, labels)
         fig.colorbar(points, ax=ax, label=name)
         ax.set_title(f"Agent factors (t-SNE), coloured by {name}", fontsize=10)
         ax.set_xticks([])
         ax.set_yticks([])
         paths.append(_save(fig, f"{prefix}_{_file_safe(name)}.png"))
     return paths
+
+
+def plot_tsne_factors(factors: np.ndarray, path: str | os.PathLike, member: int = 0,
+                      random_state: int = 0, labels: Sequence[str] | None = None) -> str:
+    """t-SNE of the agent factors alone, for data without covariates.
+
+    factors: (N, r) or (M, N, r) (member `member`). `labels`: N agent ids,
+    drawn beside the points when there are at most 40 agents. Returns `path`.
+    """
+    factors = np.asarray(factors)
+    if factors.ndim == 3:
+        factors = factors[member]
+    if labels is not None and len(labels) != factors.shape[0]:
+        raise ValueError(f"{len(labels)} labels for {factors.shape[0]} agents")
+    embedding = tsne_embedding(factors, random_state=random_state)
+    fig, ax = plt.subplots(figsize=(4.6, 3.8))
+    ax.scatter(embedding[:, 0], embedding[:, 1], color="tab:blue", s=12)
+    _label_points(ax, embedding, labels)
+    ax.set_title("Agent factors (t-SNE); no covariates to colour them by", fontsize=10)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    return _save(fig, os.fspath(path))
 
 
 def plot_trajectories(true: np.ndarray, predicted: np.ndarray, valid: np.ndarray,

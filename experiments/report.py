@@ -180,6 +180,8 @@ def _validation_section(results: dict) -> str:
     validation = results.get("validation")
     if not validation:
         return ""
+    if "per_agent" in validation:
+        return _personalisation_section(results)
     lines = ["## Validation", ""]
     per_agent = [v for v in validation.get("per_agent_rmse") or [] if _is_number(v)]
     if per_agent:
@@ -199,6 +201,158 @@ def _validation_section(results: dict) -> str:
         elif isinstance(value, str):
             lines.append(f"- {key}: {value}")
     return "\n".join(lines + [""])
+
+
+MODEL_LABELS = {"persim": "**PerSim**", "population": "Population model",
+                "no_change": "No change"}
+# Own data with more agents than this: the per-agent table shows the agents
+# PerSim helps most and least (results.json has every agent).
+MAX_AGENT_ROWS = 40
+
+
+def _personalisation_section(results: dict) -> str:
+    """Own data: does personalisation help? (results["validation"], written by
+    `experiments.personalisation.evaluate`)."""
+    v = results["validation"]
+    k = v.get("open_loop_steps", "k")
+    verdict = v.get("personalisation") or {}
+    lines = ["## Does personalisation help?", "", verdict.get("statement", ""), "",
+             f"Held out: {v.get('split', '?')} ({v.get('held_out_transitions', '?')} "
+             f"transitions; {v.get('open_loop_windows', '?')} start a {k}-step open-loop "
+             f"window). The simulator this run saves is the one scored here.", ""]
+    summary = v.get("summary") or {}
+    lines += ["Mean over agents of each agent's error relative to the dimensions' spread "
+              "(lower is better):", "",
+              _table(["model", "one-step", f"{k}-step open loop"],
+                     [[MODEL_LABELS[m], _fixed((summary.get(m) or {}).get("one_step"), 4),
+                       _fixed((summary.get(m) or {}).get("open_loop"), 4)]
+                      for m in MODEL_LABELS]), ""]
+    lines += _per_dimension_table(v, k) + _per_agent_table(v, k)
+    return "\n".join(lines)
+
+
+def _per_dimension_table(v: dict, k) -> list[str]:
+    names, spread = v.get("state_names") or [], v.get("spread") or []
+    per_dimension = v.get("per_dimension") or {}
+    header = ["state", "spread"] + [f"{MODEL_LABELS[m]} {h}" for h in ("one-step", f"{k}-step")
+                                    for m in MODEL_LABELS]
+    rows = []
+    for d, name in enumerate(names):
+        cells = [f"`{name}`", _printed(_at(spread, d))]
+        for horizon in ("one_step", "open_loop"):
+            for model in MODEL_LABELS:
+                errors = (per_dimension.get(model) or {}).get(horizon) or {}
+                raw, relative = _at(errors.get("rmse"), d), _at(errors.get("relative"), d)
+                cells.append(f"{_printed(raw)} ({_fixed(relative, 3)})")
+        rows.append(cells)
+    return ["Per state dimension, over every agent's held-out steps: RMSE in the dimension's "
+            "units (relative to its spread, the standard deviation over the training "
+            "transitions):", "", _table(header, rows), ""]
+
+
+def _per_agent_table(v: dict, k) -> list[str]:
+    per_agent = v.get("per_agent") or {}
+    comparison = ((v.get("personalisation") or {}).get("one_step") or {})
+    ratio = comparison.get("ratio") or {}
+    ids = sorted(per_agent, key=lambda a: (ratio.get(a) is None, ratio.get(a) or 0.0))
+    note = "sorted by how much PerSim improves on the population model, most first"
+    if len(ids) > MAX_AGENT_ROWS:
+        half = MAX_AGENT_ROWS // 2
+        note += (f"; the {half} agents it helps most and the {half} it helps least of "
+                 f"{len(ids)} (all are in results.json)")
+        ids = ids[:half] + ids[-half:]
+
+    def relative(agent, model, horizon):
+        return ((per_agent[agent].get(model) or {}).get(horizon) or {}).get("relative_rmse")
+
+    def change(agent, horizon):
+        persim, population = relative(agent, "persim", horizon), relative(agent, "population",
+                                                                          horizon)
+        if not (_is_number(persim) and _is_number(population)) or population == 0:
+            return DASH
+        return f"{100 * (persim / population - 1):+.0f} %"
+
+    rows = [[f"`{agent}`", str(per_agent[agent].get("held_out_transitions", DASH)),
+             *[_fixed(relative(agent, m, "one_step"), 3) for m in MODEL_LABELS],
+             change(agent, "one_step"),
+             *[_fixed(relative(agent, m, "open_loop"), 3) for m in MODEL_LABELS],
+             change(agent, "open_loop")] for agent in ids]
+    header = ["agent", "held-out steps", "PerSim 1-step", "population 1-step",
+              "no change 1-step", "PerSim vs population", f"PerSim {k}-step",
+              f"population {k}-step", f"no change {k}-step", "PerSim vs population"]
+    return [f"Per agent, error relative to the dimensions' spread ({note}); each agent's "
+            "errors per dimension, in raw units and relative, are in results.json "
+            "(`validation.per_agent`, keyed by the agent's id):", "",
+            _table(header, rows), ""]
+
+
+def _own_data_how_to_read(results: dict) -> str:
+    k = (results.get("validation") or {}).get("open_loop_steps", "k")
+    return "\n".join([
+        "## How to read", "",
+        "- **PerSim** is the personalised simulator: one network, each agent with its own "
+        "latent factor. The **population model** is the same network trained with every "
+        "agent's id set to one: a single model for everybody. **No change** predicts that the "
+        "state stays as it is; a useful model beats it.",
+        "- The models were trained on the first 80 % of each agent's trajectory and scored on "
+        "the last 20 %, its future: the errors are what to expect when simulating an agent "
+        "forward from its recent data.",
+        "- **One-step** error: from each logged state and action, the next state. "
+        f"**{k}-step open loop**: from a logged state, {k} steps ahead under the logged actions, "
+        "each step from the model's own previous prediction (errors compound); RMSE over the "
+        f"{k} predicted states, ensemble mean.",
+        "- **Relative** errors divide each dimension's error by its spread (the standard "
+        "deviation of that state column over the training data), so dimensions in different "
+        "units count alike; 1.0 is an error as large as the whole spread of the dimension.",
+        "- \"PerSim vs population\" is the change of PerSim's relative error against the "
+        "population model's: negative means personalisation helped that agent.", ""])
+
+
+def _own_data_header(results: dict) -> str:
+    total = _total_seconds(results)
+    dataset = str(results["dataset"])
+    lines = [f"# PerSim on your data: `{os.path.basename(dataset)}` (own data)", "",
+             f"dataset `{dataset}` · seed {results.get('seed', '?')} · total time "
+             f"{_fixed(total, 1) + ' s' if total is not None else DASH}", ""]
+    described = results.get("data")
+    if described:
+        ids = described.get("agent_ids") or []
+        shown = ", ".join(f"`{i}`" for i in ids[:6]) + (", …" if len(ids) > 6 else "")
+        covariates = described.get("covariate_names")
+        lines += [f"Data: {described.get('agents')} agents ({shown}), "
+                  f"{described.get('transitions')} transitions; states "
+                  f"{', '.join(f'`{n}`' for n in described.get('state_names') or [])}; "
+                  f"{described.get('actions')} actions; "
+                  + (f"covariates {', '.join(f'`{n}`' for n in covariates)}." if covariates
+                     else "no covariates."), ""]
+    settings = _settings_line(results.get("config") or {})
+    if settings:
+        lines += [f"Settings: {settings}", ""]
+    return "\n".join(lines)
+
+
+def _own_data_figures(results: dict, figure_dir: str | None) -> str:
+    text = _figures_section(results, figure_dir)
+    described = results.get("data") or {}
+    if described and not described.get("covariate_names"):
+        prefix = ((described.get("loader") or {}).get("covariate_prefix")) or "cov_"
+        hint = (f"No covariates in the data, so the t-SNE shows the agent factors alone. To "
+                f"colour it by what you know about each agent (age, weight, ...), add columns "
+                f"named `{prefix}<name>` holding one value per agent, repeated on each of its "
+                f"rows (or pass --covariate_prefix).")
+        text = (text or "## Figures\n\n") + hint + "\n"
+    return text
+
+
+def render_own_data_report(results: dict, figure_dir: str | None = None) -> str:
+    """The Markdown report of an own-data run without an env: what was read,
+    whether personalisation helps, figures and time; nothing of the paper's
+    protocol (no planner, episodes or paper rows)."""
+    parts = [_own_data_header(results), _validation_section(results)]
+    if (results.get("validation") or {}).get("per_agent") is not None:
+        parts.append(_own_data_how_to_read(results))
+    parts += [_own_data_figures(results, figure_dir), _timing_section(results)]
+    return "\n".join(p for p in parts if p).rstrip() + "\n"
 
 
 def _how_to_read(results: dict, has_paper: bool) -> str:
@@ -263,7 +417,9 @@ def _figures_section(results: dict, figure_dir: str | None) -> str:
     lines = ["## Figures", ""]
     for name in names:
         stem = os.path.splitext(os.path.basename(name))[0]
-        if stem.startswith("tsne_"):
+        if stem == "tsne_factors":
+            title = "t-SNE of the agent factors"
+        elif stem.startswith("tsne_"):
             title = f"t-SNE of the agent factors, coloured by {stem[len('tsne_'):]}"
         elif stem == "trajectories":
             title = "Predicted vs true state trajectories of test agents"
@@ -296,6 +452,8 @@ def render_report(results: dict, figure_dir: str | None = None) -> str:
     if not results.get("dataset"):
         raise ValueError("results has no 'dataset': cannot render a report")
     env, dataset = results.get("env"), str(results["dataset"])
+    if env is None:
+        return render_own_data_report(results, figure_dir)
     rows_paper = paper.paper_rows(env, dataset)
     has_paper = bool(rows_paper["prediction"] or rows_paper["reward"])
     total = _total_seconds(results)
@@ -331,9 +489,6 @@ def write_report(results: dict, path: str | os.PathLike) -> str:
     Figures are linked only if they exist in the report's folder."""
     path = os.fspath(path)
     text = render_report(results, figure_dir=os.path.dirname(os.path.abspath(path)))
-    with atomic_write(path, "wb") as handle:
+    with atomic_write(path, "wb") as handle:     # a new file's usual permissions
         handle.write(text.encode("utf-8"))
-    umask = os.umask(0)  # the temporary file was private (0600): usual permissions
-    os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)
     return path

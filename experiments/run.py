@@ -45,6 +45,7 @@ import os
 import shutil
 import sys
 import time
+import zipfile
 from typing import Any, Sequence
 
 if __name__ == "__main__":
@@ -59,10 +60,10 @@ from absl import app, flags, logging
 
 import envs
 from experiments import config as config_lib
-from experiments import paper
+from experiments import paper, personalisation
 from experiments.config import RunConfig, UserError
 from experiments.datagen import datasets, policies
-from persim_jax import data, evaluation, methods, planning, train
+from persim_jax import data, evaluation, methods, planning
 from persim_jax.model import Simulator
 
 FLAGS = flags.FLAGS
@@ -98,6 +99,8 @@ def define_flags() -> None:
                       "the authors' code; standardised for MountainCar, HalfCheetah and your "
                       "own data).")
     flags.DEFINE_list("state_hidden", None, "Hidden sizes of the state encoder, e.g. 256,512,512.")
+    flags.DEFINE_list("action_hidden", None,
+                      "Hidden sizes of the continuous action encoder (paper: 256,256).")
     flags.DEFINE_integer("candidates", None,
                          "Random-shooting candidates (paper: 1000) or CEM samples (paper: 200).")
     flags.DEFINE_integer("horizon", None, "Planning horizon (paper: 30; MountainCar 50).")
@@ -123,8 +126,28 @@ def define_flags() -> None:
                          "PE-TS CaDM particles when planning (paper: 20).")
     flags.DEFINE_integer("policy_episodes", None,
                          "Episodes per test agent of the model-free methods (paper: 100).")
+    flags.DEFINE_integer("open_loop_steps", None,
+                         "Own data: k of the held-out k-step open-loop error (default 10).")
     flags.DEFINE_list("skip", [], "Stages to skip: prediction, reward, plots.")
     flags.DEFINE_bool("force", False, "Redo every stage, even those already done.")
+    # Own data in long format (.csv / .parquet): which columns hold what.
+    flags.DEFINE_string("agent_column", "agent_id",
+                        "Own data: the agent id column (any ids, e.g. adult#001; mapped to "
+                        "0..N-1, and every per-agent output keeps your ids).")
+    flags.DEFINE_string("time_column", "time",
+                        "Own data: the time-step column; '' if the rows of each agent are in "
+                        "time order.")
+    flags.DEFINE_string("state_prefix", "obs_", "Own data: state columns start with this.")
+    flags.DEFINE_string("action_prefix", "action", "Own data: action columns start with this.")
+    flags.DEFINE_string("covariate_prefix", "cov_",
+                        "Own data: covariate columns (one value per agent, repeated on its "
+                        "rows) start with this; '' for none.")
+    flags.DEFINE_bool("discrete_actions", None,
+                      "Own data: the one action column holds discrete actions 0..K-1 "
+                      "(default: inferred, discrete when every value is an integer).")
+    flags.DEFINE_bool("allow_outliers", False,
+                      "Own data: accept values more than 1e6 times their column's typical "
+                      "magnitude (by default an error naming the line and column).")
 
 
 STAGES = ("dataset", "train", "prediction", "reward", "plots", "report")
@@ -300,10 +323,21 @@ def _config_record(config: RunConfig) -> dict:
 # Stages
 
 
+# How the CLI reads a long-format file by default (`data.from_long_format`'s
+# options; the flags --agent_column ... --allow_outliers change them).
+LOADER_DEFAULTS = dict(agent_column="agent_id", time_column="time", state_prefix="obs_",
+                       action_prefix="action", covariate_prefix="cov_", discrete_actions=None,
+                       allow_outliers=False)
+
+
+def loader_options_from_flags() -> dict:
+    return {name: getattr(FLAGS, name) for name in LOADER_DEFAULTS}
+
+
 def load_dataset(env_name: str | None, dataset: str, config: RunConfig, seed: int,
-                 data_dir: str):
+                 data_dir: str, loader_options: dict | None = None):
     """(Transitions, metadata, name): the paper's dataset (cached) or the
-    user's file."""
+    user's file, read with `loader_options` (`LOADER_DEFAULTS`' keys)."""
     if dataset in datasets.DATASETS:
         transitions, metadata = datasets.load_or_generate(
             env_name, dataset, data_dir=data_dir, seed=seed, num_agents=config.num_agents)
@@ -314,26 +348,47 @@ def load_dataset(env_name: str | None, dataset: str, config: RunConfig, seed: in
             raise UserError(f"--dataset: {path!r} is neither one of "
                             f"{', '.join(datasets.DATASETS)} nor a file")
         raise UserError(f"--dataset: no such file: {path}")
-    transitions = _load_user_file(path)
+    options = {**LOADER_DEFAULTS, **(loader_options or {})}
+    transitions = _load_user_file(path, options)
     if env_name is not None:
         _check_matches_env(transitions, envs.make(env_name), path)
     with open(path, "rb") as handle:
         file_digest = hashlib.sha256(handle.read()).hexdigest()
     metadata = {"path": os.path.abspath(path), "sha256": file_digest,
                 "num_agents": transitions.num_agents,
-                "num_transitions": transitions.num_transitions}
+                "num_transitions": transitions.num_transitions, "read": True,
+                # What the trained models depend on besides the file: how it
+                # was read, and the time-ordered hold-out.
+                "loader": {**options, "held_out": "last 20% per agent"}}
     return transitions, metadata, _run_name(path)
 
 
-def _load_user_file(path: str):
+def _load_user_file(path: str, options: dict | None = None):
+    """The user's file as Transitions: .npz (ids mapped to 0..N-1 unless the
+    file holds `agent_keys`) or long format (.csv / .parquet, the columns
+    named by `options`, any agent ids mapped to 0..N-1)."""
+    options = {**LOADER_DEFAULTS, **(options or {})}
     extension = os.path.splitext(path)[1].lower()
     loaders = {".npz": data.load_npz, ".csv": data.load_csv, ".parquet": data.load_parquet}
     if extension not in loaders:
         raise UserError(f"--dataset: {path}: unknown file type {extension!r}; expected .npz, "
                         f".csv or .parquet")
+    if extension == ".npz":
+        changed = [f"--{k}" for k, v in options.items()
+                   if k != "allow_outliers" and v != LOADER_DEFAULTS[k]]
+        if changed:
+            raise UserError(f"{', '.join(changed)}: column names apply to .csv / .parquet "
+                            f"files, not to {path}")
+        kwargs = {"allow_outliers": options["allow_outliers"]}
+    else:
+        kwargs = dict(options, map_agent_ids=True, time_column=options["time_column"] or None,
+                      covariate_prefix=options["covariate_prefix"] or None)
     try:
-        return loaders[extension](path)
-    except (ValueError, KeyError, OSError) as error:
+        if extension == ".npz":
+            with np.load(path, allow_pickle=False) as file:
+                kwargs["map_agent_ids"] = "agent_keys" not in file.files
+        return loaders[extension](path, **kwargs)
+    except (ValueError, KeyError, OSError, EOFError, zipfile.BadZipFile) as error:
         message = str(error)
         if os.fspath(path) not in message:
             message = f"{path}: {message}"
@@ -514,25 +569,85 @@ def factors_stage(run: Run, simulators, transitions) -> None:
         np.savez(handle, **arrays)
 
 
-def validation_by_agent(simulator, transitions, seed: int) -> dict:
-    """One-step RMSE (raw units, ensemble mean) of each agent on the
-    transitions held out from training (the split `train.fit` used)."""
-    _, held_out = train.validation_split(jax.random.PRNGKey(seed), transitions.num_transitions,
-                                         0.2)
-    if held_out.size == 0:
-        return {"per_agent_rmse": [], "note": "no held-out transitions"}
-    subset = transitions.select(held_out)
-    predicted = jax.jit(lambda s, t: s.predict(t.agent_id, t.obs, t.action).mean(axis=0))(
-        simulator, subset)
-    squared = np.asarray((predicted - subset.next_obs) ** 2).mean(axis=1)
-    ids = np.asarray(subset.agent_id)
-    sums = np.bincount(ids, weights=squared, minlength=transitions.num_agents)
-    counts = np.bincount(ids, minlength=transitions.num_agents)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        rmse = np.sqrt(sums / counts)
-    return {"per_agent_rmse": [None if not np.isfinite(x) else float(x) for x in rmse],
-            "mean_rmse": float(np.nanmean(rmse)) if np.isfinite(rmse).any() else None,
-            "held_out_transitions": int(held_out.size)}
+def personalisation_stage(run: Run, config: RunConfig, everything, training, held_out,
+                          trained: dict, seed: int, dataset_digest: str) -> dict:
+    """Own data: PerSim, the population model and "no change" on the held-out
+    end of every trajectory (`experiments.personalisation`). The population
+    model is trained here (one trial) unless --methods already trained it.
+
+    Args:
+      everything: all transitions; training: the first 80 % of each agent's;
+      held_out: (H,) indices into `everything` of the last 20 %.
+      trained: {method name: [one per trial]} of the run's methods.
+    """
+    population = trained.get(methods.Population.name)
+    if population is None:
+        population, _ = train_stage(run, methods.Population(config.training()), training, 1,
+                                    seed, dataset_digest, None)
+    steps = config.open_loop_steps or personalisation.DEFAULT_OPEN_LOOP_STEPS
+    spread = np.asarray(training.obs, np.float64).std(axis=0)
+    start = time.time()
+    with run.stage("validation", f"PerSim vs the population model vs no change on the last "
+                   f"{personalisation.HELD_OUT_FRACTION:.0%} of each trajectory: one-step and "
+                   f"{steps}-step open-loop error"):
+        validation = personalisation.evaluate(
+            {"persim": trained[methods.PerSim.name][0], "population": population[0]},
+            everything, held_out, spread, open_loop_steps=steps)
+    run.timing["validation"] = round(time.time() - start, 2)
+    _say(f"[validation] {validation['personalisation']['statement']}")
+    return validation
+
+
+# RunConfig fields that mean something for own data without an env.
+OWN_DATA_SETTINGS = ("trials", "rank", "rank_used", "ensemble_size", "epochs", "batch_size",
+                     "learning_rate", "lr_halving_epochs", "state_hidden", "action_hidden",
+                     "standardize", "open_loop_steps")
+
+
+def own_data_settings(record: dict, transitions) -> dict:
+    """results.json "config" of an own-data run without an env: the settings
+    that apply (no planner, episodes or generated-dataset size)."""
+    record = {k: record.get(k) for k in OWN_DATA_SETTINGS}
+    if transitions.discrete:
+        del record["action_hidden"]     # discrete actions: one linear layer on the one-hot
+    record["open_loop_steps"] = (record["open_loop_steps"]
+                                 or personalisation.DEFAULT_OPEN_LOOP_STEPS)
+    record["methods"] = ["persim", "population"]
+    return record
+
+
+def own_data_description(transitions, metadata: dict) -> dict:
+    """results.json "data" of an own-data run: what was read, in the file's names."""
+    return {"path": metadata["path"], "sha256": metadata["sha256"],
+            "agents": transitions.num_agents, "transitions": transitions.num_transitions,
+            "state_names": list(transitions.state_names or
+                                [f"state_{j}" for j in range(transitions.obs_dim)]),
+            "actions": (f"discrete, {transitions.num_actions} values" if transitions.discrete
+                        else f"continuous, {transitions.action_dim} dimension(s)"),
+            "covariate_names": (None if transitions.covariates is None else
+                                list(_covariate_names(None, transitions))),
+            "agent_ids": [str(k) for k in (transitions.agent_keys
+                                           or range(transitions.num_agents))],
+            "loader": metadata.get("loader")}
+
+
+def _describe_own_data(transitions) -> str:
+    """One progress line: what the loader understood of the user's file."""
+    states = ", ".join(transitions.state_names or [f"{transitions.obs_dim} dimensions"])
+    actions = (f"discrete actions 0..{transitions.num_actions - 1}" if transitions.discrete
+               else f"{transitions.action_dim}-d continuous actions")
+    covariates = ("no covariates" if transitions.covariates is None else
+                  "covariates " + ", ".join(_covariate_names(None, transitions)))
+    return f"states {states}; {actions}; {covariates}"
+
+
+def _covariate_names(env, transitions) -> list[str]:
+    """The covariates' names: the env's, the file's columns, or covariate_<i>."""
+    if env is not None:
+        return list(env.covariate_names)
+    if transitions.covariate_names is not None:
+        return list(transitions.covariate_names)
+    return [f"covariate_{i}" for i in range(np.asarray(transitions.covariates).shape[1])]
 
 
 def plots_stage(run: Run, env, simulators, transitions, covariates, agent_ids, seed) -> list[str]:
@@ -540,11 +655,17 @@ def plots_stage(run: Run, env, simulators, transitions, covariates, agent_ids, s
 
     written = []
     factors = np.asarray(simulators[0].agent_factors(member=0))
+    labels = ([str(k) for k in transitions.agent_keys]
+              if transitions.agent_keys is not None else None)
     if transitions.covariates is not None and transitions.num_agents >= 3:
-        names = (list(env.covariate_names) if env is not None else
-                 [f"covariate_{i}" for i in range(np.asarray(transitions.covariates).shape[1])])
-        written += figures.plot_tsne(factors, np.asarray(transitions.covariates), names,
-                                     run.path("tsne"))
+        written += figures.plot_tsne(factors, np.asarray(transitions.covariates),
+                                     _covariate_names(env, transitions), run.path("tsne"),
+                                     labels=labels)
+    elif env is None and transitions.num_agents >= 3:
+        # Own data without covariates: the factors alone (the report says how
+        # to add covariates).
+        written.append(figures.plot_tsne_factors(factors, run.path("tsne_factors.png"),
+                                                 labels=labels))
     if env is not None and agent_ids is not None:
         shown = agent_ids[:2]
         trajectories = evaluation.prediction_trajectories(
@@ -564,16 +685,22 @@ def plots_stage(run: Run, env, simulators, transitions, covariates, agent_ids, s
 # The pipeline
 
 
-def _dataset_stage(env_name, dataset, config: RunConfig, seed: int, data_dir: str):
+def _dataset_stage(env_name, dataset, config: RunConfig, seed: int, data_dir: str,
+                   loader_options: dict | None = None):
     """(transitions, metadata, name, seconds), with progress lines."""
     start = time.time()
     what = (f"{dataset}: {config.num_agents} agents, one trajectory each"
             if dataset in datasets.DATASETS else f"loading {dataset}")
     _say(f"[dataset] {what}")
-    transitions, metadata, name = load_dataset(env_name, dataset, config, seed, data_dir)
+    transitions, metadata, name = load_dataset(env_name, dataset, config, seed, data_dir,
+                                               loader_options)
     seconds = time.time() - start
+    how = ("read" if metadata.get("read") else
+           "cached" if metadata.get("cached", True) else "generated")
     _say(f"[dataset] {transitions.num_agents} agents, {transitions.num_transitions} transitions "
-         f"({'cached' if metadata.get('cached', True) else 'generated'}, {seconds:.1f} s)")
+         f"({how}, {seconds:.1f} s)")
+    if metadata.get("read"):
+        _say(f"[dataset] {_describe_own_data(transitions)}")
     if metadata.get("stats"):
         _say(datasets.format_stats(metadata))
     return transitions, metadata, name, seconds
@@ -614,14 +741,25 @@ def _reward_summary(rows: dict, planner: dict | None, config: RunConfig, env) ->
 
 def run_pipeline(env_name: str | None, dataset: str, config: RunConfig, *, preset: str,
                  seed: int, out_dir: str, data_dir: str, force: bool = False,
-                 skip: Sequence[str] = ()) -> dict:
-    """Runs every stage and returns the results dict (also `results.json`)."""
+                 skip: Sequence[str] = (), loader_options: dict | None = None) -> dict:
+    """Runs every stage and returns the results dict (also `results.json`).
+    `loader_options` say how to read the user's long-format file
+    (`LOADER_DEFAULTS`)."""
     from experiments import report
 
     total_start = time.time()
     env = envs.make(env_name) if env_name is not None else None
+    own_data = dataset not in datasets.DATASETS
     transitions, metadata, name, dataset_seconds = _dataset_stage(env_name, dataset, config,
-                                                                  seed, data_dir)
+                                                                  seed, data_dir, loader_options)
+    chosen = methods_for(env, config)      # before any output: a bad --methods leaves none
+    everything = transitions
+    if own_data:
+        # The models learn each agent's first 80 %; the last 20 % is its
+        # future, on which the personalisation report scores them.
+        train_index, held_out = data.time_ordered_split(transitions,
+                                                        personalisation.HELD_OUT_FRACTION)
+        transitions = transitions.select(train_index)
     run = Run(os.path.join(out_dir, env_name or "custom", name), force)
     os.makedirs(run.directory, exist_ok=True)
     run.timing["dataset"] = round(dataset_seconds, 2)
@@ -629,7 +767,8 @@ def run_pipeline(env_name: str | None, dataset: str, config: RunConfig, *, prese
         run.timing["dataset_generation"] = metadata["generation_seconds"]
     dataset_key = {k: metadata.get(k) for k in ("path", "sha256", "env", "dataset", "seed",
                                                  "num_agents", "policies_sha256")}
-    chosen = methods_for(env, config)
+    if own_data:
+        dataset_key["loader"] = metadata["loader"]
     covariates, agent_ids = (test_agents_of(env, transitions) if env is not None
                              else (None, None))
     # What each method's evaluation depends on: its own training only, so
@@ -648,10 +787,10 @@ def run_pipeline(env_name: str | None, dataset: str, config: RunConfig, *, prese
         for name, row in rows.items():
             row["train_seconds"] = train_seconds[name]
     validation = None
-    if dataset not in datasets.DATASETS:
-        with run.stage("validation", "held-out one-step error per agent"):
-            validation = validation_by_agent(simulators[0], transitions, seed)
-        _say(f"[validation] mean one-step RMSE over agents: {validation.get('mean_rmse')}")
+    if own_data:
+        validation = personalisation_stage(run, config, everything, transitions, held_out,
+                                           trained, seed, _digest(dataset_key))
+        transitions = everything
 
     factors_stage(run, simulators, transitions)
     figures_written: list[str] = []
@@ -664,6 +803,11 @@ def run_pipeline(env_name: str | None, dataset: str, config: RunConfig, *, prese
 
     reward = _reward_summary(rows, planner, config, env)
     stats = metadata.get("stats")
+    config_record = {**_config_record(config), "methods": [m.name for m in chosen],
+                     "rank_used": simulators[0].rank,
+                     "planner": reward["planner"] if reward else None}
+    if own_data and env is None:
+        config_record = own_data_settings(config_record, transitions)
     results = {
         "env": env_name,
         "dataset": dataset if dataset in datasets.DATASETS else metadata["path"],
@@ -678,13 +822,13 @@ def run_pipeline(env_name: str | None, dataset: str, config: RunConfig, *, prese
             "test_agent_return": stats["test_agent_return"],
             "mean_return": stats["mean_return"], "mean_length": stats["mean_length"]},
         "validation": validation,
-        "config": {**_config_record(config), "methods": [m.name for m in chosen],
-                   "rank_used": simulators[0].rank,
-                   "planner": reward["planner"] if reward else None},
+        "config": config_record,
         "figures": figures_written,
         "backend": jax.default_backend(),
         "devices": [str(d) for d in jax.devices()],
     }
+    if own_data:
+        results["data"] = own_data_description(transitions, metadata)
     run.timing["total"] = round(time.time() - total_start, 2)
     results["timing_s"] = dict(run.timing)
     write_json(run.path("results.json"), results)
@@ -720,7 +864,8 @@ def main(argv):
         config = settings_from_flags()
         results = run_pipeline(FLAGS.env, FLAGS.dataset, config, preset=FLAGS.preset,
                                seed=FLAGS.seed, out_dir=FLAGS.out_dir, data_dir=FLAGS.data_dir,
-                               force=FLAGS.force, skip=tuple(FLAGS.skip))
+                               force=FLAGS.force, skip=tuple(FLAGS.skip),
+                               loader_options=loader_options_from_flags())
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -61,6 +61,10 @@ class Transitions:
       agent_keys: optional original agent ids (static), `agent_keys[i]` is the
         id in the source file of agent i; None when the ids already were
         0..N-1.
+      state_names: optional names of the D state dimensions (static), e.g.
+        the long-format file's state columns.
+      covariate_names: optional names of the P covariates (static), e.g. the
+        file's covariate columns.
     """
 
     obs: jax.Array
@@ -74,6 +78,8 @@ class Transitions:
     num_agents: int = struct.field(pytree_node=False, default=0)
     num_actions: int | None = struct.field(pytree_node=False, default=None)
     agent_keys: tuple | None = struct.field(pytree_node=False, default=None)
+    state_names: tuple | None = struct.field(pytree_node=False, default=None)
+    covariate_names: tuple | None = struct.field(pytree_node=False, default=None)
 
     @property
     def num_transitions(self) -> int:
@@ -112,6 +118,37 @@ class Transitions:
                             agent_id=take(self.agent_id))
 
 
+def time_ordered_split(transitions: Transitions,
+                       held_out_fraction: float = 0.2) -> tuple[np.ndarray, np.ndarray]:
+    """Holds out the end of every agent's trajectory (not a random sample).
+
+    An agent with n transitions keeps its first n - h for training and holds
+    out its last h = round(held_out_fraction · n), at least 1 and at most
+    n - 1 (an agent with a single transition holds out none). Transitions
+    are in time order within each agent, as the loaders keep them.
+
+    Args:
+      transitions: T transitions of N agents.
+      held_out_fraction: share of each trajectory held out, in (0, 1).
+
+    Returns:
+      (train_index, held_out_index): sorted int arrays partitioning 0..T-1.
+    """
+    if not 0.0 < held_out_fraction < 1.0:
+        raise ValueError(f"held_out_fraction: must be in (0, 1); got {held_out_fraction!r}")
+    agent_id = np.asarray(transitions.agent_id)
+    counts = np.bincount(agent_id, minlength=transitions.num_agents)              # (N,)
+    held = np.clip(np.round(held_out_fraction * counts), 1, np.maximum(counts - 1, 0))
+    # Position of each transition within its agent (0 = first), without a
+    # loop over agents: a stable sort by agent keeps the time order.
+    order = np.argsort(agent_id, kind="stable")
+    starts = np.cumsum(counts) - counts
+    position = np.empty_like(agent_id)
+    position[order] = np.arange(agent_id.size) - starts[agent_id[order]]
+    is_held = position >= (counts - held)[agent_id]
+    return np.flatnonzero(~is_held), np.flatnonzero(is_held)
+
+
 # ---------------------------------------------------------------------------
 # Construction and validation
 
@@ -130,6 +167,8 @@ def make_transitions(
     covariates=None,
     agent_keys: Sequence | None = None,
     map_agent_ids: bool = False,
+    state_names: Sequence[str] | None = None,
+    covariate_names: Sequence[str] | None = None,
 ) -> Transitions:
     """Builds validated `Transitions` from host arrays.
 
@@ -152,6 +191,8 @@ def make_transitions(
       agent_keys: original ids of agents 0..N-1, if the caller already mapped
         them.
       map_agent_ids: map arbitrary ids to 0..N-1 instead of rejecting them.
+      state_names: optional D names of the state dimensions.
+      covariate_names: optional P names of the covariates.
 
     Returns:
       Transitions with float32 observations and rewards, int32 ids.
@@ -175,7 +216,10 @@ def make_transitions(
     transitions = Transitions(
         obs=obs, action=action, next_obs=next_obs, reward=reward, done=done,
         timeout=timeout, agent_id=agent_id, covariates=covariates,
-        num_agents=int(num_agents), num_actions=num_actions, agent_keys=agent_keys)
+        num_agents=int(num_agents), num_actions=num_actions, agent_keys=agent_keys,
+        state_names=None if state_names is None else tuple(str(n) for n in state_names),
+        covariate_names=(None if covariate_names is None
+                         else tuple(str(n) for n in covariate_names)))
     validate_transitions(transitions)
     return transitions.replace(
         action=action.astype(np.int32) if discrete else action,
@@ -208,7 +252,7 @@ def _coerce_actions(action, num_actions: int | None) -> tuple[np.ndarray, bool, 
         bad = np.flatnonzero(~np.isfinite(action) | (action != np.round(action)))
         if bad.size:
             raise ValueError(f"action: discrete actions must be integers; row {bad[0]} "
-                             f"has {action[bad[0]]!r}")
+                             f"has {_plain(action[bad[0]])}")
     action = action.astype(np.int64)
     if num_actions is None:
         num_actions = int(action.max()) + 1 if action.size else 0
@@ -332,7 +376,7 @@ def _check_agents(transitions: Transitions) -> None:
     empty = np.flatnonzero(counts == 0)
     if empty.size:
         label = (f"agent {empty[0]}" if transitions.agent_keys is None else
-                 f"agent {empty[0]} (id {transitions.agent_keys[empty[0]]!r})")
+                 f"agent {empty[0]} (id {_plain(transitions.agent_keys[empty[0]])!r})")
         raise ValueError(
             f"agent_id: {label} has no transitions ({empty.size} agents without any: "
             f"{_preview(empty.tolist())}); every agent 0..N-1 needs at least one (if the ids "
@@ -345,6 +389,14 @@ def _check_agents(transitions: Transitions) -> None:
         if cov.ndim != 2 or cov.shape[0] != n:
             raise ValueError(f"covariates: expected shape (N, P) with N = {n}; got {cov.shape}")
         _check_finite("covariates", cov)
+        names = transitions.covariate_names
+        if names is not None and len(names) != cov.shape[1]:
+            raise ValueError(f"covariate_names: {len(names)} names {list(names)} for "
+                             f"{cov.shape[1]} covariates")
+    names = transitions.state_names
+    if names is not None and len(names) != np.shape(transitions.obs)[1]:
+        raise ValueError(f"state_names: {len(names)} names {list(names)} for "
+                         f"{np.shape(transitions.obs)[1]} state dimensions")
 
 
 
@@ -403,11 +455,21 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[Any]:
             yield handle
             handle.flush()
             os.fsync(handle.fileno())
+        # mkstemp makes the file private (0600); the result gets the mode any
+        # new file would get (0666 less the umask), before it becomes visible.
+        os.chmod(tmp, 0o666 & ~_current_umask())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)
         raise
+
+
+def _current_umask() -> int:
+    """The process's umask (read by setting it and putting it back)."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return umask
 
 
 # ---------------------------------------------------------------------------
@@ -439,25 +501,32 @@ def save_npz(path: str | os.PathLike, transitions: Transitions) -> None:
         arrays["covariates"] = np.asarray(transitions.covariates)
     if transitions.agent_keys is not None:
         arrays["agent_keys"] = np.asarray(json.dumps(list(transitions.agent_keys)))
+    for key in ("state_names", "covariate_names"):
+        if getattr(transitions, key) is not None:
+            arrays[key] = np.asarray(json.dumps(list(getattr(transitions, key))))
     with atomic_write(path) as handle:
         np.savez(handle, **arrays)
 
 
 def load_npz(path: str | os.PathLike, *, num_actions: int | None = None,
-             map_agent_ids: bool = False) -> Transitions:
+             map_agent_ids: bool = False, allow_outliers: bool = False) -> Transitions:
     """Reads and validates a dataset written by `save_npz` or a D4RL-style file.
 
     Required keys: `observations`, `actions`, `next_observations`, `agent_ids`.
     Optional: `rewards`, `terminals`, `timeouts` (zeros), `num_agents`,
-    `num_actions`, `covariates`, `agent_keys`.
+    `num_actions`, `covariates`, `agent_keys`, `state_names` and
+    `covariate_names` (string arrays, or JSON lists).
 
     Args:
       path: the `.npz` file.
       num_actions: number of discrete actions, overriding the file's.
       map_agent_ids: map arbitrary ids to 0..N-1 (kept in `agent_keys`).
+      allow_outliers: accept values far outside their column's own scale
+        (`check_column_values`).
 
     Raises:
-      ValueError: a missing key, or any check of `validate_transitions`.
+      ValueError: a missing key, a value outside its column's scale, or any
+        check of `validate_transitions`.
     """
     with np.load(path, allow_pickle=False) as file:
         contents = {key: file[key] for key in file.files}
@@ -465,6 +534,11 @@ def load_npz(path: str | os.PathLike, *, num_actions: int | None = None,
                if k not in contents]
     if missing:
         raise ValueError(f"{os.fspath(path)}: missing key(s) {missing}; found {sorted(contents)}")
+    for key in ("observations", "next_observations", "actions", "rewards", "covariates"):
+        if key in contents and (key != "actions" or contents[key].ndim == 2):
+            _check_array_values(key, contents[key], allow_outliers)
+    names = {key: _names_of(contents[key]) if key in contents else None
+             for key in ("state_names", "covariate_names")}
     if num_actions is None and "num_actions" in contents and int(contents["num_actions"]) >= 0:
         num_actions = int(contents["num_actions"])
     agent_keys = None
@@ -477,7 +551,14 @@ def load_npz(path: str | os.PathLike, *, num_actions: int | None = None,
         num_agents=(int(contents["num_agents"]) if "num_agents" in contents and not map_agent_ids
                     else None),
         num_actions=num_actions, covariates=contents.get("covariates"),
-        agent_keys=agent_keys, map_agent_ids=map_agent_ids)
+        agent_keys=agent_keys, map_agent_ids=map_agent_ids, **names)
+
+
+def _names_of(array: np.ndarray) -> list[str]:
+    """Names stored in an .npz: a string array, or one JSON list."""
+    if array.ndim == 0:
+        return [str(x) for x in json.loads(str(array))]
+    return [str(x) for x in array.tolist()]
 
 
 # ---------------------------------------------------------------------------
@@ -543,10 +624,13 @@ def from_long_format(
     state_prefix: str = "obs_",
     action_prefix: str = "action",
     next_state_prefix: str = "next_obs_",
+    covariate_columns: Sequence[str] | None = None,
+    covariate_prefix: str | None = "cov_",
     discrete_actions: bool | None = None,
     num_actions: int | None = None,
     map_agent_ids: bool = False,
     covariates=None,
+    allow_outliers: bool = False,
     row_labels: np.ndarray | None = None,
     source: str = "row",
 ) -> Transitions:
@@ -556,7 +640,11 @@ def from_long_format(
     the state s_t (columns `state_columns`, by default every column whose name
     starts with `state_prefix`, in table order), the action a_t taken at that
     step (`action_columns`, by default the columns starting with
-    `action_prefix`), and optionally the reward r_t and done flag of that step.
+    `action_prefix`), optionally the reward r_t and done flag of that step,
+    and optionally the agent's covariates (`covariate_columns`, by default
+    the columns starting with `covariate_prefix`): one value per agent,
+    repeated on each of its rows, read into `Transitions.covariates` (N, P)
+    with the column names in `covariate_names`.
 
     Next states: if the table has next-state columns (`next_state_columns`, or
     columns starting with `next_state_prefix`), every row is a transition.
@@ -573,8 +661,9 @@ def from_long_format(
       time_column: the time-step column; rows are sorted by it within each
         agent and duplicates are rejected. None: rows are in time order as
         given.
-      state_columns, action_columns, next_state_columns: explicit column
-        names; None infers them by prefix.
+      state_columns, action_columns, next_state_columns, covariate_columns:
+        explicit column names; None infers them by prefix (no covariates
+        when `covariate_prefix` is None).
       reward_column, done_column: used when present in the table; None
         ignores them.
       discrete_actions: whether actions are discrete; None infers True when
@@ -582,13 +671,18 @@ def from_long_format(
       num_actions: number of discrete actions (default: max action + 1).
       map_agent_ids: map arbitrary agent ids to 0..N-1, in sorted order; the
         original ids are kept in `Transitions.agent_keys`.
-      covariates: optional (N, P) per-agent parameters, in agent index order.
+      covariates: optional (N, P) per-agent parameters, in agent index order
+        (instead of covariate columns).
+      allow_outliers: accept values more than `OUTLIER_FACTOR` times their
+        column's typical magnitude (`check_column_values`); by default they
+        are errors naming the row and column.
       row_labels: (R,) what to call each row in error messages (e.g. the
         file's line numbers); defaults to the 0-based row index.
       source: prefix of row references in error messages.
 
     Returns:
-      Validated Transitions.
+      Validated Transitions, with `state_names` (the state columns) and
+      `covariate_names` (the covariate columns, if any).
     """
     table = _LongTable.of(columns, row_labels, source)
     if table.num_rows == 0:
@@ -598,7 +692,13 @@ def from_long_format(
         state_columns=state_columns, action_columns=action_columns,
         next_state_columns=next_state_columns, reward_column=reward_column,
         done_column=done_column, state_prefix=state_prefix, action_prefix=action_prefix,
-        next_state_prefix=next_state_prefix)
+        next_state_prefix=next_state_prefix,
+        covariate_columns=[] if covariates is not None else covariate_columns,
+        covariate_prefix=None if covariates is not None else covariate_prefix)
+    for name in [*roles.state, *roles.action, *roles.next_state, *roles.covariates,
+                 *([roles.reward] if roles.reward is not None else [])]:
+        check_column_values(name, table.numeric(name), table.where,
+                            allow_outliers=allow_outliers)
     raw_ids, ids, agent_keys = _agent_indices(table, roles.agent, map_agent_ids)
     order, same_agent = _sort_by_agent_and_time(table, roles.time, ids, raw_ids)
     state = np.stack([table.numeric(name) for name in roles.state], axis=1)
@@ -610,10 +710,14 @@ def from_long_format(
     rows, next_state = _pair_successors(table, roles.next_state, state, done, order, same_agent)
     num_agents = int(ids.max()) + 1 if agent_keys is None else len(agent_keys)
     _check_every_agent_has_a_transition(table, roles.agent, ids, rows, num_agents, agent_keys)
+    if roles.covariates:
+        covariates = _per_agent_values(table, roles.covariates, ids, raw_ids, num_agents,
+                                       roles.agent)
     return make_transitions(
         state[rows], action[rows], next_state, ids[rows], reward=reward[rows], done=done[rows],
         num_agents=num_agents, num_actions=num_actions if discrete_actions else None,
-        covariates=covariates, agent_keys=agent_keys)
+        covariates=covariates, agent_keys=agent_keys, state_names=roles.state,
+        covariate_names=roles.covariates or None)
 
 
 class _LongTable(NamedTuple):
@@ -622,13 +726,14 @@ class _LongTable(NamedTuple):
     columns: Mapping[str, Sequence]
     labels: np.ndarray  # (R,) what to call each row in messages, e.g. file line numbers
     source: str  # prefix of row references, e.g. "data.csv: line"
+    parsed: dict  # column name -> its (R,) float64 values, parsed once
 
     @classmethod
     def of(cls, columns: Mapping[str, Sequence], row_labels: np.ndarray | None,
            source: str) -> "_LongTable":
         num_rows = len(next(iter(columns.values()))) if columns else 0
         labels = np.arange(num_rows) if row_labels is None else np.asarray(row_labels)
-        return cls(columns, labels, source)
+        return cls(columns, labels, source, {})
 
     @property
     def names(self) -> list[str]:
@@ -649,6 +754,11 @@ class _LongTable(NamedTuple):
 
     def numeric(self, name: str) -> np.ndarray:
         """(R,) float64 values of column `name`; rejects text, blanks, NaN and inf."""
+        if name not in self.parsed:
+            self.parsed[name] = self._parse_numbers(name)
+        return self.parsed[name]
+
+    def _parse_numbers(self, name: str) -> np.ndarray:
         values = self.columns[name]
         try:
             out = np.asarray(values, dtype=np.float64)
@@ -659,12 +769,12 @@ class _LongTable(NamedTuple):
                 try:
                     out[i] = float(value) if value is not None and str(value).strip() else np.nan
                 except ValueError:
-                    raise ValueError(f"column {name!r}: {self.where(i)} has {value!r}, not a "
-                                     f"number") from None
+                    raise ValueError(f"column {name!r}: {self.where(i)} has {_plain(value)!r}, "
+                                     f"not a number") from None
         bad = np.flatnonzero(~np.isfinite(out))
         if bad.size:
-            raise ValueError(f"column {name!r}: {self.where(bad[0])} has {values[bad[0]]!r} "
-                             f"(missing, NaN or inf)")
+            raise ValueError(f"column {name!r}: {self.where(bad[0])} has "
+                             f"{_plain(values[bad[0]])!r} (missing, NaN or inf)")
         return out
 
 
@@ -678,14 +788,16 @@ class _ColumnRoles(NamedTuple):
     next_state: Sequence[str]  # D columns of s_{t+1}, or empty: the agent's next row is s_{t+1}
     reward: str | None  # None: absent from the table, rewards are zero
     done: str | None  # None: absent from the table, no step is done
+    covariates: Sequence[str]  # P columns constant within an agent, or empty
 
 
 def _resolve_columns(table: _LongTable, *, agent_column: str, time_column: str | None,
                      state_columns: Sequence[str] | None, action_columns: Sequence[str] | None,
                      next_state_columns: Sequence[str] | None, reward_column: str | None,
                      done_column: str | None, state_prefix: str, action_prefix: str,
-                     next_state_prefix: str) -> _ColumnRoles:
-    """Finds the agent, state, action, next-state, reward and done columns.
+                     next_state_prefix: str, covariate_columns: Sequence[str] | None,
+                     covariate_prefix: str | None) -> _ColumnRoles:
+    """Finds the agent, state, action, next-state, reward, done and covariate columns.
 
     Columns not given are inferred by name prefix, in table order; a column
     claimed by an earlier role is not taken again. Raises a ValueError naming
@@ -698,6 +810,11 @@ def _resolve_columns(table: _LongTable, *, agent_column: str, time_column: str |
 
     table.require(agent_column, "agent_column")
     special = [agent_column, time_column, reward_column, done_column]
+    if covariate_columns is None:
+        covariate_columns = by_prefix(covariate_prefix, special) if covariate_prefix else []
+    for name in covariate_columns:
+        table.require(name, "covariate_columns")
+    special = [*special, *covariate_columns]
     if next_state_columns is None:
         next_state_columns = by_prefix(next_state_prefix, special)
     for name in next_state_columns:
@@ -721,9 +838,37 @@ def _resolve_columns(table: _LongTable, *, agent_column: str, time_column: str |
                          f"{list(next_state_columns)} for {len(state_columns)} state columns "
                          f"{list(state_columns)}")
     present = lambda name: name if name is not None and name in table.columns else None
-    return _ColumnRoles(agent=agent_column, time=time_column, state=state_columns,
-                        action=action_columns, next_state=next_state_columns,
-                        reward=present(reward_column), done=present(done_column))
+    return _ColumnRoles(agent=agent_column, time=time_column, state=list(state_columns),
+                        action=list(action_columns), next_state=list(next_state_columns),
+                        reward=present(reward_column), done=present(done_column),
+                        covariates=list(covariate_columns))
+
+
+def _per_agent_values(table: _LongTable, names: Sequence[str], ids: np.ndarray,
+                      raw_ids: np.ndarray, num_agents: int, agent_column: str) -> np.ndarray:
+    """(N, P) values of the P covariate columns `names`, one per agent: each
+    must be the same on every row of an agent (a ValueError names the column,
+    the agent and the two rows that differ). `ids`: (R,) agent index of each
+    row; `raw_ids`: (R,) the ids as in the file."""
+    out = np.empty((num_agents, len(names)), np.float64)
+    first_row = np.full(num_agents, -1)
+    # Reversed assignment: the last write, the agent's first row, wins.
+    first_row[ids[::-1]] = np.arange(len(ids))[::-1]
+    for j, name in enumerate(names):
+        values = table.numeric(name)
+        first = values[first_row]                                       # (N,)
+        differs = np.flatnonzero(values != first[ids])
+        if differs.size:
+            row = differs[0]
+            agent = ids[row]
+            raise ValueError(
+                f"column {name!r}: agent {_plain(raw_ids[row])!r} has {values[first_row[agent]]:g} "
+                f"at {table.where(first_row[agent])} but {values[row]:g} at {table.where(row)}; "
+                f"a covariate column (named by the covariate prefix, or covariate_columns) "
+                f"holds one value per agent, the same on each of its rows (a quantity that "
+                f"changes over time is a state: rename the column, or change the prefix)")
+        out[:, j] = first
+    return out
 
 
 def _agent_indices(table: _LongTable, agent_column: str,
@@ -749,14 +894,14 @@ def _agent_indices(table: _LongTable, agent_column: str,
         elif not map_agent_ids:
             bad = next(i for i, v in enumerate(raw_ids) if not _is_int(v))
             raise ValueError(
-                f"column {agent_column!r}: {where(bad)} has id {raw_ids[bad]!r}; ids must "
+                f"column {agent_column!r}: {where(bad)} has id {_plain(raw_ids[bad])!r}; ids must "
                 f"be integers 0..N-1, or pass map_agent_ids=True to map arbitrary ids to "
                 f"0..N-1")
     elif not map_agent_ids:
         values = table.numeric(agent_column)
         bad = np.flatnonzero(values != np.round(values))
         if bad.size:
-            raise ValueError(f"column {agent_column!r}: {where(bad[0])} has id {values[bad[0]]!r}; "
+            raise ValueError(f"column {agent_column!r}: {where(bad[0])} has id {values[bad[0]]:g}; "
                              f"ids must be integers 0..N-1, or pass map_agent_ids=True")
         raw_ids = values.astype(np.int64)
     if map_agent_ids:
@@ -792,7 +937,7 @@ def _sort_by_agent_and_time(table: _LongTable, time_column: str | None, ids: np.
     if time_column is not None and duplicated.size:
         a, b = order[duplicated[0]], order[duplicated[0] + 1]
         raise ValueError(f"column {time_column!r}: {table.where(a)} and {table.where(b)} both "
-                         f"give agent {raw_ids[a]!r} time step {time[a]:g}")
+                         f"give agent {_plain(raw_ids[a])!r} time step {time[a]:g}")
     return order, same_agent
 
 
@@ -819,7 +964,8 @@ def _parse_actions(table: _LongTable, action_columns: Sequence[str],
     bad = np.flatnonzero(column != np.round(column))
     if bad.size:
         raise ValueError(f"column {action_columns[0]!r}: {table.where(bad[0])} has "
-                         f"{column[bad[0]]!r}, not an integer action")
+                         f"{column[bad[0]]:g}, not an integer action (continuous actions: "
+                         f"discrete_actions=False, or leave it out to infer it)")
     if num_actions is not None:
         bad = np.flatnonzero((column < 0) | (column >= num_actions))
         if bad.size:
@@ -840,7 +986,8 @@ def _parse_flags(table: _LongTable, name: str) -> np.ndarray:
         elif text in ("0", "0.0", "false", "f", "no", ""):
             out[i] = False
         else:
-            raise ValueError(f"column {name!r}: {table.where(i)} has {value!r}, not a 0/1 flag")
+            raise ValueError(f"column {name!r}: {table.where(i)} has {_plain(value)!r}, not a "
+                             f"0/1 flag")
     return out
 
 
@@ -890,7 +1037,8 @@ def _check_every_agent_has_a_transition(table: _LongTable, agent_column: str, id
            f"it has {rows_of_agent.size} row(s) (first: {table.where(rows_of_agent[0])}) and none "
            f"with a logged successor; a transition needs a row and the agent's next row "
            f"(or next-state columns)")
-    raise ValueError(f"column {agent_column!r}: agent {label!r} has no transitions: {why}")
+    raise ValueError(f"column {agent_column!r}: agent {_plain(label)!r} has no transitions: "
+                     f"{why}")
 
 
 def save_csv(path: str | os.PathLike, transitions: Transitions) -> None:
@@ -932,7 +1080,84 @@ def _as_float_array(name: str, value) -> np.ndarray:
     array = np.asarray(value)
     if array.dtype.kind not in "iubf":
         raise ValueError(f"{name}: expected numbers; got dtype {array.dtype}")
+    if array.dtype.kind == "f" and array.dtype.itemsize > 4:
+        # Named here, before float32 turns it into inf (with numpy's warning).
+        with np.errstate(invalid="ignore"):
+            bad = np.argwhere(np.abs(array) > FLOAT32_MAX)
+        if bad.size:
+            where = f"row {bad[0][0]}" + (f", column {bad[0][1]}" if array.ndim > 1 else "")
+            raise ValueError(f"{name}: {where} is {array[tuple(bad[0])]:g}, beyond float32's "
+                             f"range (±{FLOAT32_MAX:.3g}) that the model computes in")
     return array.astype(np.float32)
+
+
+# A value more than this many times its column's typical magnitude is taken
+# for a data error (a unit slip, a sentinel such as 1e30 or -9.9e37) unless
+# the caller accepts it (`allow_outliers=True`).
+OUTLIER_FACTOR = 1e6
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+def column_scale(values) -> float:
+    """The typical magnitude of one column: the median of its non-zero
+    absolute values (0 when all are zero). Zeros are left out so that a
+    mostly-zero column (meal sizes, doses) keeps the scale of its non-zero
+    entries; the median ignores a few wild values.
+
+    Args:
+      values: (R,) finite numbers.
+    """
+    magnitude = np.abs(np.asarray(values, np.float64))
+    nonzero = magnitude[magnitude > 0]
+    return float(np.median(nonzero)) if nonzero.size else 0.0
+
+
+def check_column_values(name: str, values, where, *, allow_outliers: bool = False) -> None:
+    """Rejects a value of one (R,) column that float32 cannot hold, or (unless
+    `allow_outliers`) one more than `OUTLIER_FACTOR` times the column's
+    typical magnitude (`column_scale`).
+
+    Args:
+      name: how messages call the column.
+      values: (R,) finite float64 values.
+      where: row index -> how messages call that row ("data.csv: line 7").
+      allow_outliers: accept values outside the column's scale.
+
+    Raises:
+      ValueError naming the column, the row and the value.
+    """
+    values = np.asarray(values, np.float64)
+    magnitude = np.abs(values)
+    bad = np.flatnonzero(magnitude > FLOAT32_MAX)
+    if bad.size:
+        raise ValueError(f"column {name!r}: {where(bad[0])} has {values[bad[0]]:g}, beyond "
+                         f"float32's range (±{FLOAT32_MAX:.3g}) that the model computes in")
+    if allow_outliers:
+        return
+    scale = column_scale(values)
+    bad = np.flatnonzero(magnitude > OUTLIER_FACTOR * scale)
+    if bad.size:
+        raise ValueError(
+            f"column {name!r}: {where(bad[0])} has {values[bad[0]]:g}, more than "
+            f"{OUTLIER_FACTOR:g} times the column's typical magnitude {scale:.4g} (the median "
+            f"of its non-zero absolute values; {bad.size} such value(s)); correct it, or "
+            f"accept it with allow_outliers=True (experiments.run: --allow_outliers)")
+
+
+def _check_array_values(name: str, array: np.ndarray, allow_outliers: bool) -> None:
+    """`check_column_values` on each column of a (T,) or (T, K) array whose
+    rows are the file's rows (messages name "row i, column j")."""
+    array = np.asarray(array)
+    if array.dtype.kind not in "iuf" or array.size == 0:
+        return
+    columns = array.reshape(array.shape[0], -1)
+    for j in range(columns.shape[1]):
+        values = columns[:, j].astype(np.float64)
+        if not np.all(np.isfinite(values)):
+            continue     # validate_transitions names non-finite values
+        label = name if columns.shape[1] == 1 and array.ndim == 1 else f"{name}[:, {j}]"
+        check_column_values(label, values, lambda i: f"row {i}",
+                            allow_outliers=allow_outliers)
 
 
 def _as_flag_array(name: str, value) -> np.ndarray:
@@ -951,6 +1176,12 @@ def _check_finite(name: str, array: np.ndarray) -> None:
                          f"must be finite")
 
 
+def _plain(value):
+    """A numpy scalar as the Python value it holds (messages show 0.5 and
+    'a', not np.float64(0.5) and np.str_('a'))."""
+    return value.item() if isinstance(value, np.generic) else value
+
+
 def _is_int(text: str) -> bool:
     try:
         int(text)
@@ -961,5 +1192,5 @@ def _is_int(text: str) -> bool:
 
 def _preview(items: Sequence, limit: int = 5) -> str:
     items = list(items)
-    shown = ", ".join(repr(x) for x in items[:limit])
+    shown = ", ".join(repr(_plain(x)) for x in items[:limit])
     return f"[{shown}{', ...' if len(items) > limit else ''}]"

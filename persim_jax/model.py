@@ -442,6 +442,11 @@ def folded_next_obs(folded: dict, config: ModelConfig, obs, action) -> jax.Array
     return obs + jnp.einsum("...dr,...r->...d", v, w) + folded["delta_mean"]
 
 
+def _plain(value):
+    """A numpy scalar as the Python value it holds, for messages."""
+    return value.item() if isinstance(value, np.generic) else value
+
+
 def count_params(params: Params) -> int:
     return int(sum(np.prod(np.shape(x)) for x in jax.tree.leaves(params)))
 
@@ -495,11 +500,49 @@ class Simulator:
     def rank(self) -> int:
         return self.config.rank
 
+    def agent_indices(self, agent_id):
+        """Agent indices 0..N-1 of `agent_id`: the data's own agent ids (keys,
+        e.g. "adult#001"; `agent_keys`) are looked up, integers are indices.
+
+        Args:
+          agent_id: an index or a key, or a list / array (...) of either.
+            Integer JAX arrays (traced or not) pass through untouched, so
+            jitted callers pay nothing; Python and numpy integers are
+            checked to lie in 0..N-1 (an integer id that is not its own index
+            is looked up with `agent_index(id)`).
+
+        Returns:
+          () or (...) int indices (the input itself for JAX arrays).
+
+        Raises:
+          ValueError naming an unknown key or an index outside 0..N-1.
+        """
+        if isinstance(agent_id, jax.Array):
+            return agent_id
+        if isinstance(agent_id, str):
+            return self.agent_index(agent_id)
+        array = np.asarray(agent_id)
+        if array.dtype.kind in "iu":
+            bad = np.flatnonzero((array < 0) | (array >= self.num_agents))
+            if bad.size:
+                value = int(array.ravel()[bad[0]])
+                keyed = (f"; an agent id from the data is looked up with agent_index"
+                         f"({value})" if self.agent_keys is not None else "")
+                raise ValueError(f"agent_id: index {value} is outside 0..{self.num_agents - 1}"
+                                 f"{keyed}")
+            return array.astype(np.int32) if array.ndim else int(array)
+        if array.dtype.kind in "USO":
+            return np.asarray([self.agent_index(key) for key in array.ravel().tolist()],
+                              np.int32).reshape(array.shape)
+        raise ValueError(f"agent_id: expected agent indices (integers) or the data's agent ids; "
+                         f"got {_plain(agent_id)!r}")
+
     def predict(self, agent_id, obs, action) -> jax.Array:
         """Next states predicted by every member from the same input.
 
         Args:
-          agent_id: () or (...) int agent index in 0..N-1.
+          agent_id: () or (...) agent index in 0..N-1, or the data's agent id
+            (`agent_keys`), or an array of either (`agent_indices`).
           obs: (D,) or (..., D) raw state.
           action: () / (...) int, or (A,) / (..., A) float raw action.
 
@@ -507,13 +550,13 @@ class Simulator:
           (M, D) next states, or (M, ..., D) with broadcast batch dims.
         """
         return jax.vmap(predict_next_obs, in_axes=(0, None, None, None, None, None))(
-            self.params, self.stats, self.config, agent_id, obs, action)
+            self.params, self.stats, self.config, self.agent_indices(agent_id), obs, action)
 
     def predict_members(self, agent_id, obs, action) -> jax.Array:
         """Member m predicts from its own state obs[m].
 
         Args:
-          agent_id: () or (...) int.
+          agent_id: () or (...) int, or the data's agent ids (`agent_indices`).
           obs: (M, D) or (M, ..., D) one state per member.
           action: () / (...) int or (A,) / (..., A) float, shared by members.
 
@@ -521,19 +564,20 @@ class Simulator:
           (M, D) or (M, ..., D) next states.
         """
         return jax.vmap(predict_next_obs, in_axes=(0, None, None, None, 0, None))(
-            self.params, self.stats, self.config, agent_id, obs, action)
+            self.params, self.stats, self.config, self.agent_indices(agent_id), obs, action)
 
     def rollout(self, agent_id, obs0, actions) -> jax.Array:
         """Open-loop rollout: every member propagates its own predicted state.
 
         Args:
-          agent_id: () or (...) int.
+          agent_id: () or (...) int, or the data's agent ids (`agent_indices`).
           obs0: (D,) or (..., D) initial raw state.
           actions: (H,) int / (H, A) float, or (H, ...) / (H, ..., A) batched.
 
         Returns:
           (M, H, D) or (M, H, ..., D): ŝ_1..ŝ_H, with ŝ_{t+1} = f_m(ŝ_t, a_t).
         """
+        agent_id = self.agent_indices(agent_id)
         obs0 = jnp.asarray(obs0, jnp.float32)
         actions = jnp.asarray(actions)
         start = jnp.broadcast_to(obs0, (self.ensemble_size, *obs0.shape))
@@ -545,16 +589,21 @@ class Simulator:
         _, trajectory = jax.lax.scan(step, start, actions)     # (H, M, ..., D)
         return jnp.moveaxis(trajectory, 0, 1)
 
-    def agent_factors(self, member: int | None = 0) -> jax.Array:
+    def agent_factors(self, member: int | None = 0, agents=None) -> jax.Array:
         """Latent agent factors u(n) = one-hot(n) W + b.
 
         Args:
           member: which ensemble member; None for all.
+          agents: None for every agent, or K agent indices / the data's agent
+            ids (`agent_indices`), e.g. ["adult#001", "adult#007"].
 
         Returns:
-          (N, r) for one member, (M, N, r) for member=None.
+          (N, r) for one member, (M, N, r) for member=None; (K, r) / (M, K, r)
+          with `agents`.
         """
         factors = jax.vmap(agent_factors, in_axes=(0, None))(self.params, self.config)
+        if agents is not None:
+            factors = jnp.take(factors, jnp.asarray(self.agent_indices(agents)), axis=1)
         return factors if member is None else factors[member]
 
     def add_agents(self, transitions, *, ridge=None) -> "Simulator":
@@ -576,17 +625,27 @@ class Simulator:
         return newcomers.add_agents(self, transitions, ridge=ridge)
 
     def agent_index(self, key) -> int:
-        """Index 0..N-1 of the agent whose original id is `key`."""
+        """Index 0..N-1 of the agent whose original id is `key` (an id read as
+        a number from a file also matches its text: 7 and "7")."""
+        key = _plain(key)
         if self.agent_keys is None:
-            index = int(key)
+            try:
+                index = int(key)
+            except (TypeError, ValueError):
+                raise ValueError(f"agent_id: {key!r}: this simulator's agents have no ids "
+                                 f"besides their indices 0..{self.num_agents - 1}") from None
             if not 0 <= index < self.num_agents:
                 raise ValueError(f"agent_id: {key!r} outside 0..{self.num_agents - 1}")
             return index
-        try:
-            return self.agent_keys.index(key)
-        except ValueError:
-            raise ValueError(f"agent_id: {key!r} is not one of the {self.num_agents} agent "
-                             f"ids") from None
+        keys = [_plain(k) for k in self.agent_keys]
+        if key in keys:
+            return keys.index(key)
+        as_text = [str(k) for k in keys]
+        if str(key) in as_text:
+            return as_text.index(str(key))
+        shown = ", ".join(repr(k) for k in keys[:5]) + (", ..." if len(keys) > 5 else "")
+        raise ValueError(f"agent_id: {key!r} is not one of the {self.num_agents} agent ids "
+                         f"({shown})")
 
     def save(self, path: str | os.PathLike) -> None:
         """Writes the simulator to one file (msgpack), atomically."""

@@ -146,8 +146,18 @@ def test_user_data_trains_and_reports_validation(tmp_path):
                                data_dir=str(tmp_path / "data"))
     directory = os.path.join(out_dir, "custom", "mine")
     assert results["prediction"] is None and results["reward"] is None
-    rmse = results["validation"]["per_agent_rmse"]
-    assert len(rmse) == num_agents and all(r is None or r >= 0 for r in rmse)
+    per_agent = results["validation"]["per_agent"]
+    assert sorted(per_agent) == [str(n) for n in range(num_agents)]   # the file's own ids
+    for n in range(num_agents):
+        entry = per_agent[str(n)]
+        # Each agent's last 20 % (6 of 30 steps) is held out; "no change"
+        # predicts s_t, so its one-step RMSE is the RMS of the held-out Δs.
+        rows = np.flatnonzero(agent == n)[-6:]
+        expected = np.sqrt(np.mean((next_obs[rows] - obs[rows]) ** 2, axis=0))
+        assert entry["held_out_transitions"] == 6
+        np.testing.assert_allclose(entry["no_change"]["one_step"]["rmse"], expected, rtol=1e-5)
+        for model in ("persim", "population"):
+            assert all(r >= 0 for r in entry[model]["one_step"]["rmse"])
     assert os.path.exists(os.path.join(directory, "results.json"))
     assert os.path.exists(os.path.join(directory, "report.md"))
     with np.load(os.path.join(directory, "agent_factors.npz")) as factors:
