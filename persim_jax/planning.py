@@ -220,6 +220,118 @@ class CEMConfig:
             raise ValueError(f"min_std: must be > 0; got {self.min_std!r}")
 
 
+@dataclasses.dataclass(frozen=True)
+class ICEMConfig:
+    """Improved CEM (Pinneri et al., CoRL 2020) for continuous actions in a box.
+
+    Round i (0 .. num_rounds) samples max(num_samples · decay^-i, 2 ·
+    num_elites) sequences of temporally correlated ("coloured") noise, power
+    spectrum ∝ 1 / f^β along the horizon, around the mean μ with std σ,
+    clipped to the box. A fraction `keep_elites` of the elites is carried to
+    the next round (and, shifted by one step, to the next plan's first round);
+    the last round also scores μ itself. μ and σ move towards the elites'
+    mean and std with `momentum`; the plan plays the first action of the best
+    sequence seen in any round.
+
+    Attributes:
+      action_dim: A.
+      num_samples: sequences of round 0.
+      horizon: steps per sequence.
+      num_elites: best sequences per round.
+      num_rounds: rounds after the first.
+      decay: the population shrinks by this factor every round (γ ≥ 1).
+      beta: colour of the noise (0 white, 2 "red"/Brownian-like).
+      keep_elites: fraction of the elites carried over (ξ).
+      momentum: μ ← momentum · μ + (1 − momentum) · elite mean, σ likewise.
+      init_std: σ at the start of every plan.
+      action_low, action_high: the action box.
+      min_std: floor of σ when sampling.
+      discount, aggregation, propagation, position_bonus, position_index,
+        rollout_chunk, shard_candidates: as in `RandomShootingConfig`.
+    """
+
+    action_dim: int
+    num_samples: int = 100
+    horizon: int = 30
+    num_elites: int = 10
+    num_rounds: int = 3
+    decay: float = 1.25
+    beta: float = 2.5
+    keep_elites: float = 0.3
+    momentum: float = 0.1
+    init_std: float = 0.5
+    action_low: float = -1.0
+    action_high: float = 1.0
+    min_std: float = 1e-6
+    discount: float = 0.93
+    aggregation: str = "min"
+    propagation: str = "members"
+    position_bonus: float = 0.0
+    position_index: int = 0
+    rollout_chunk: int | str | None = "auto"
+    shard_candidates: bool = True
+
+    def __post_init__(self):
+        _check_positive(self, "action_dim", "num_samples", "num_elites")
+        _check_objective(self)
+        if not 2 <= self.num_elites <= self.num_samples:
+            raise ValueError(f"num_elites: must be in [2, num_samples={self.num_samples}]; got "
+                             f"{self.num_elites!r}")
+        if not isinstance(self.num_rounds, (int, np.integer)) or self.num_rounds < 0:
+            raise ValueError(f"num_rounds: must be an integer >= 0; got {self.num_rounds!r}")
+        if not (math.isfinite(self.decay) and self.decay >= 1.0):
+            raise ValueError(f"decay: must be a number >= 1; got {self.decay!r}")
+        if not (math.isfinite(self.beta) and self.beta >= 0.0):
+            raise ValueError(f"beta: must be a number >= 0; got {self.beta!r}")
+        if not 0.0 <= self.keep_elites <= 1.0:
+            raise ValueError(f"keep_elites: must be in [0, 1]; got {self.keep_elites!r}")
+        if not 0.0 <= self.momentum < 1.0:
+            raise ValueError(f"momentum: must be in [0, 1); got {self.momentum!r}")
+        if not self.init_std > 0.0:
+            raise ValueError(f"init_std: must be > 0; got {self.init_std!r}")
+        if not self.action_low < self.action_high:
+            raise ValueError(f"action_low, action_high: need low < high; got "
+                             f"{self.action_low!r}, {self.action_high!r}")
+
+    def population(self) -> tuple[int, ...]:
+        """Sequences sampled in each round (before the carried elites)."""
+        return tuple(max(int(self.num_samples * self.decay ** -i), 2 * self.num_elites)
+                     for i in range(self.num_rounds + 1))
+
+    @property
+    def num_kept(self) -> int:
+        return int(round(self.keep_elites * self.num_elites))
+
+    def sequences_per_plan(self) -> int:
+        """Sequences scored per plan: sampled, carried elites and the final mean."""
+        return sum(self.population()) + self.num_kept * (self.num_rounds + 1) + 1
+
+
+def colored_noise(key: Array, beta: float, shape: tuple[int, ...]) -> Array:
+    """Gaussian noise of unit variance along the last axis (time) with power
+    spectrum ∝ 1 / f^β (β = 0: white), independent over the leading axes."""
+    steps = shape[-1]
+    freqs = jnp.fft.rfftfreq(steps)
+    freqs = freqs.at[0].set(1.0 / steps)           # the lowest frequency's weight for f = 0
+    scale = freqs ** (-beta / 2.0)
+    real_key, imag_key = jax.random.split(key)
+    spectrum_shape = (*shape[:-1], freqs.shape[0])
+    real = jax.random.normal(real_key, spectrum_shape) * scale
+    imag = jax.random.normal(imag_key, spectrum_shape) * scale
+    # The f = 0 (and, for an even length, the Nyquist) coefficient is real.
+    imag = imag.at[..., 0].set(0.0)
+    if steps % 2 == 0:
+        imag = imag.at[..., -1].set(0.0)
+    noise = jnp.fft.irfft(real + 1j * imag, n=steps, axis=-1)
+    # x_t = (X_0 + 2 Σ_k Re(X_k e^{iωkt}) [+ X_{N/2} (−1)^t]) / N: each paired
+    # coefficient adds 4 scale² to N² var(x_t), the real-only ones scale².
+    weights = jnp.full(freqs.shape, 4.0).at[0].set(1.0)
+    if steps % 2 == 0:
+        weights = weights.at[-1].set(1.0)
+    variance = jnp.sum(weights * scale ** 2) / steps ** 2
+    return (noise / jnp.sqrt(variance)).astype(jnp.float32)
+
+
 # ---------------------------------------------------------------------------
 # Scoring action sequences
 
@@ -531,11 +643,16 @@ class Planner(NamedTuple):
         action is () int32 (discrete) or (A,) float32 (continuous), the state
         carries the warm start to the next call.
       config: the planner's config dataclass.
+      sequence: continuous planners: `sequence(key, state, obs, dynamics) ->
+        (sequence (H, A), state)`, the whole action sequence whose first
+        action `plan` plays (for measuring a planner's objective; None
+        otherwise).
     """
 
     init: Callable[[], Any]
     plan: Callable[[Array, Any, Array, Dynamics], tuple[Array, Any]]
     config: Any
+    sequence: Callable[[Array, Any, Array, Dynamics], tuple[Array, Any]] | None = None
 
 
 class RandomShootingState(NamedTuple):
@@ -609,10 +726,15 @@ def cem(config: CEMConfig, reward_fn: RewardFn,
         return CEMState(jnp.zeros(shape, jnp.float32))
 
     def plan(key, state: CEMState, obs, dynamics):
+        sequence, state = plan_sequence(key, state, obs, dynamics)
+        return sequence[0], state
+
+    def plan_sequence(key, state: CEMState, obs, dynamics):
+        """(the last round's elite mean (H, A), whose first action is played; state)."""
         std_key, *round_keys = jax.random.split(key, config.num_rounds + 2)
 
         def elites(key, mean, std):
-            """Elite mean (H, A), std (H, A), and their mean first action (A,)."""
+            """Elite mean (H, A) and std (H, A)."""
             std = jnp.maximum(std, config.min_std)
             z = jax.random.truncated_normal(key, (low - mean) / std, (high - mean) / std,
                                             (config.num_samples, *shape), jnp.float32)
@@ -620,27 +742,99 @@ def cem(config: CEMConfig, reward_fn: RewardFn,
             scores = score_sequences(dynamics, reward_fn, terminated_fn, obs, samples, config)
             _, index = jax.lax.top_k(scores, config.num_elites)
             elite = samples[index]
-            return jnp.mean(elite, 0), jnp.std(elite, 0, ddof=1), jnp.mean(elite[:, 0], 0)
+            return jnp.mean(elite, 0), jnp.std(elite, 0, ddof=1)
 
         std0 = jax.random.uniform(std_key, (), jnp.float32, config.init_std_low,
                                   config.init_std_high)
-        mean, std, action = elites(round_keys[0], state.mean, jnp.full(shape, std0))
+        mean, std = elites(round_keys[0], state.mean, jnp.full(shape, std0))
+        played = mean
 
         def refine(carry, key):
             mean, std, _ = carry
-            elite_mean, elite_std, action = elites(key, mean, std)
+            elite_mean, elite_std = elites(key, mean, std)
             return (smooth * mean + (1 - smooth) * elite_mean,
-                    smooth * std + (1 - smooth) * elite_std, action), None
+                    smooth * std + (1 - smooth) * elite_std, elite_mean), None
 
         if config.num_rounds:
-            (mean, std, action), _ = jax.lax.scan(
-                refine, (mean, std, action), jnp.stack(round_keys[1:]))
+            (mean, std, played), _ = jax.lax.scan(
+                refine, (mean, std, played), jnp.stack(round_keys[1:]))
         next_mean = jnp.concatenate([mean[1:], jnp.zeros((1, config.action_dim), mean.dtype)])
         # Belt and braces: samples are finite, so their mean is; never play NaN.
-        action = jnp.clip(jnp.nan_to_num(action), low, high)
-        return action, CEMState(next_mean)
+        played = jnp.clip(jnp.nan_to_num(played), low, high)
+        return played, CEMState(next_mean)
 
-    return Planner(init, plan, config)
+    return Planner(init, plan, config, plan_sequence)
+
+
+class ICEMState(NamedTuple):
+    """Warm start of iCEM: the mean (H, A) and the carried elites (k, H, A),
+    both shifted by one step; `has_elites` False at the start of an episode."""
+
+    mean: Array
+    elites: Array
+    has_elites: Array
+
+
+def icem(config: ICEMConfig, reward_fn: RewardFn,
+         terminated_fn: TerminatedFn | None = None) -> Planner:
+    """Improved-CEM MPC for continuous actions in a box (`ICEMConfig`).
+
+    One compiled program per plan: the rounds are unrolled (their
+    populations differ in size), each round's sequences scored as CEM's
+    (`score_sequences`: the min over members by default). Plays the first
+    action of the best sequence seen in any round.
+    """
+    if not isinstance(config, ICEMConfig):
+        raise ValueError(f"config: expected an ICEMConfig, got {type(config).__name__}")
+    shape = (config.horizon, config.action_dim)
+    low, high = config.action_low, config.action_high
+    kept = config.num_kept
+
+    def init() -> ICEMState:
+        return ICEMState(jnp.zeros(shape, jnp.float32), jnp.zeros((kept, *shape), jnp.float32),
+                         jnp.array(False))
+
+    def sample(key, mean, std, count):
+        noise = colored_noise(key, config.beta, (count, config.action_dim, config.horizon))
+        return jnp.clip(mean + std * jnp.swapaxes(noise, 1, 2), low, high)
+
+    def plan_sequence(key, state: ICEMState, obs, dynamics):
+        """(the best sequence seen (H, A); state)."""
+        keys = jax.random.split(key, config.num_rounds + 2)
+        mean, std = state.mean, jnp.full(shape, config.init_std, jnp.float32)
+        # Round 0 carries the previous plan's elites, shifted; fresh samples
+        # stand in for them at the start of an episode.
+        carried = jnp.where(state.has_elites, state.elites,
+                            sample(keys[-1], mean, std, kept))
+        best, best_score = jnp.zeros(shape, jnp.float32), jnp.array(-jnp.inf)
+        populations = config.population()
+        for i, count in enumerate(populations):
+            candidates = sample(keys[i], mean, jnp.maximum(std, config.min_std), count)
+            parts = [candidates] + ([carried] if kept else [])
+            if i == len(populations) - 1:
+                parts.append(jnp.clip(mean, low, high)[None])
+            candidates = jnp.concatenate(parts)
+            scores = score_sequences(dynamics, reward_fn, terminated_fn, obs, candidates, config)
+            top, index = jax.lax.top_k(scores, config.num_elites)
+            elite = candidates[index]
+            better = top[0] > best_score
+            best = jnp.where(better, elite[0], best)
+            best_score = jnp.where(better, top[0], best_score)
+            carried = elite[:kept]
+            mean = config.momentum * mean + (1 - config.momentum) * jnp.mean(elite, 0)
+            std = config.momentum * std + (1 - config.momentum) * jnp.std(elite, 0, ddof=1)
+
+        def shift(x):
+            return jnp.concatenate([x[..., 1:, :], jnp.zeros_like(x[..., :1, :])], axis=-2)
+
+        best = jnp.clip(jnp.nan_to_num(best), low, high)
+        return best, ICEMState(shift(mean), shift(carried), jnp.array(True))
+
+    def plan(key, state: ICEMState, obs, dynamics):
+        sequence, state = plan_sequence(key, state, obs, dynamics)
+        return sequence[0], state
+
+    return Planner(init, plan, config, plan_sequence)
 
 
 def planner_config(env, **fields) -> RandomShootingConfig | CEMConfig:
@@ -661,7 +855,9 @@ def make_planner(config: RandomShootingConfig | CEMConfig, env) -> Planner:
         return random_shooting(config, env.reward, env.terminated)
     if isinstance(config, CEMConfig):
         return cem(config, env.reward, env.terminated)
-    raise ValueError(f"config: expected a RandomShootingConfig or a CEMConfig, got "
+    if isinstance(config, ICEMConfig):
+        return icem(config, env.reward, env.terminated)
+    raise ValueError(f"config: expected a RandomShootingConfig, CEMConfig or ICEMConfig, got "
                      f"{type(config).__name__}")
 
 

@@ -353,3 +353,62 @@ def test_paper_configs_follow_the_decisions_table():
         1000, 50, 0.01)
     authors = paper.planner_config(envs.make("cartpole"), aggregation="mean", discount=1.0)
     assert (authors.aggregation, authors.discount) == ("mean", 1.0)
+
+
+# ---------------------------------------------------------------------------
+# iCEM
+
+
+def test_colored_noise_has_unit_variance_and_its_colour():
+    for beta, low, high in ((0.0, -0.05, 0.05), (2.5, 0.85, 1.0)):
+        noise = planning.colored_noise(jax.random.PRNGKey(0), beta, (4000, 30))
+        assert float(jnp.std(noise)) == pytest.approx(1.0, abs=0.03)
+        lag1 = float(jnp.mean(noise[:, 1:] * noise[:, :-1]))       # autocorrelation at lag 1
+        assert low < lag1 < high, (beta, lag1)
+
+
+def test_icem_config_sizes_and_validation():
+    config = planning.ICEMConfig(action_dim=6, num_samples=100, num_elites=10, num_rounds=3,
+                                 decay=1.25, keep_elites=0.3)
+    assert config.population() == (100, 80, 64, 51)
+    assert config.sequences_per_plan() == 100 + 80 + 64 + 51 + 4 * 3 + 1
+    with pytest.raises(ValueError, match="decay"):
+        planning.ICEMConfig(action_dim=1, decay=0.5)
+    with pytest.raises(ValueError, match="keep_elites"):
+        planning.ICEMConfig(action_dim=1, keep_elites=1.5)
+
+
+def test_icem_approaches_the_optimal_sequence_of_an_integrator():
+    # The integrator of the CEM test: from s0 = 0.5 the optimum is a_0 = -0.5, then 0.
+    # White noise (β = 0): the optimum is a step, which smooth red noise
+    # samples poorly.
+    config = planning.ICEMConfig(action_dim=1, horizon=10, num_samples=64, num_elites=8,
+                                 num_rounds=5, beta=0.0)
+    planner = planning.icem(config, quadratic_reward)
+    dynamics = integrator(lambda a: a[..., 0])
+    sequence = jax.jit(planner.sequence, static_argnums=3)
+    best, state = sequence(jax.random.PRNGKey(0), planner.init(), jnp.array([0.5]), dynamics)
+    assert float(best[0, 0]) == pytest.approx(-0.5, abs=0.08)
+    assert bool(state.has_elites) and state.elites.shape == (2, 10, 1)
+    # The carried elites are shifted by one step: their last step is zero.
+    np.testing.assert_array_equal(np.asarray(state.elites[:, -1]), 0.0)
+    # MPC from the true state drives it to 0.
+    plan = jax.jit(planner.plan, static_argnums=3)
+    obs = jnp.array([0.5])
+    for i in range(5):
+        action, state = plan(jax.random.PRNGKey(i + 1), state, obs, dynamics)
+        assert np.all(np.abs(np.asarray(action)) <= 1.0)
+        obs = obs + action
+    assert abs(float(obs[0])) < 0.05
+
+
+def test_icem_keeps_the_best_sequence_and_stays_in_the_box():
+    config = planning.ICEMConfig(action_dim=2, horizon=5, num_samples=32, num_elites=4,
+                                 action_low=-0.3, action_high=0.7)
+    planner = planning.make_planner(config, type("Env", (), {
+        "reward": staticmethod(lambda o, a, n: jnp.sum(a, axis=-1)),
+        "terminated": staticmethod(lambda n: jnp.zeros(n.shape[:-1], bool))})())
+    dynamics = integrator(lambda a: a[..., 0])
+    best, _ = planner.sequence(jax.random.PRNGKey(1), planner.init(), jnp.array([0.0]), dynamics)
+    assert np.all(np.asarray(best) <= 0.7) and np.all(np.asarray(best) >= -0.3)
+    assert float(np.mean(np.asarray(best))) > 0.5         # the optimum: 0.7 everywhere
