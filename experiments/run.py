@@ -330,6 +330,19 @@ LOADER_DEFAULTS = dict(agent_column="agent_id", time_column="time", state_prefix
                        allow_outliers=False)
 
 
+# The loaders' option names in their messages -> the CLI's flags.
+CLI_WORDS = {
+    "allow_outliers=True": "--allow_outliers",
+    "time_column (pass time_column=None if rows are in time order)":
+        "--time_column (--time_column='' if each agent's rows are in time order)",
+    "discrete_actions=False, or leave it out to infer it": "leave out --discrete_actions",
+    "pass state_columns=[...] or state_prefix=...": "pass --state_prefix",
+    "pass action_columns=[...] or action_prefix=...": "pass --action_prefix",
+    "agent_column: column": "--agent_column: column",
+    "(named by the covariate prefix, or covariate_columns)": "(named by --covariate_prefix)",
+}
+
+
 def loader_options_from_flags() -> dict:
     return {name: getattr(FLAGS, name) for name in LOADER_DEFAULTS}
 
@@ -390,6 +403,8 @@ def _load_user_file(path: str, options: dict | None = None):
         return loaders[extension](path, **kwargs)
     except (ValueError, KeyError, OSError, EOFError, zipfile.BadZipFile) as error:
         message = str(error)
+        for library, flag in CLI_WORDS.items():
+            message = message.replace(library, flag)
         if os.fspath(path) not in message:
             message = f"{path}: {message}"
         raise UserError(f"--dataset: {message}") from None

@@ -1141,7 +1141,7 @@ def check_column_values(name: str, values, where, *, allow_outliers: bool = Fals
             f"column {name!r}: {where(bad[0])} has {values[bad[0]]:g}, more than "
             f"{OUTLIER_FACTOR:g} times the column's typical magnitude {scale:.4g} (the median "
             f"of its non-zero absolute values; {bad.size} such value(s)); correct it, or "
-            f"accept it with allow_outliers=True (experiments.run: --allow_outliers)")
+            f"accept it with allow_outliers=True")
 
 
 def _check_array_values(name: str, array: np.ndarray, allow_outliers: bool) -> None:
