@@ -322,7 +322,7 @@ def _own_data_header(results: dict) -> str:
         lines += [f"Data: {described.get('agents')} agents ({shown}), "
                   f"{described.get('transitions')} transitions; states "
                   f"{', '.join(f'`{n}`' for n in described.get('state_names') or [])}; "
-                  f"{described.get('actions')} actions; "
+                  f"{described.get('actions')}; "
                   + (f"covariates {', '.join(f'`{n}`' for n in covariates)}." if covariates
                      else "no covariates."), ""]
     settings = _settings_line(results.get("config") or {})

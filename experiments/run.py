@@ -29,9 +29,14 @@ registry `experiments/paper.py`; the run's settings are one `RunConfig`
 (`experiments/config.py`). The compared methods (`persim_jax.methods`) go
 through the same stages; each has its own keys.
 
-Own data: `--dataset=PATH` trains on the file, reports the held-out one-step
-error per agent and writes the agent factors; given `--env` and covariates in
-the file (units 0..4 inside the env's ranges), it also plans for those agents.
+Own data: `--dataset=PATH` reads the file (long format: `--agent_column`,
+`--time_column`, `--state_prefix`, `--action_prefix`, `--covariate_prefix`,
+`--discrete_actions`; any agent ids, mapped to 0..N-1 and kept), trains PerSim
+and the population model on the first 80 % of each agent's trajectory, and
+reports whether personalisation helps on the last 20 % (one-step and
+`--open_loop_steps` open-loop error per agent and state dimension,
+`experiments.personalisation`); given `--env` and covariates in the file
+(units 0..4 inside the env's ranges), it also plans for those agents.
 """
 
 from __future__ import annotations
@@ -637,8 +642,10 @@ def own_data_description(transitions, metadata: dict) -> dict:
             "agents": transitions.num_agents, "transitions": transitions.num_transitions,
             "state_names": list(transitions.state_names or
                                 [f"state_{j}" for j in range(transitions.obs_dim)]),
-            "actions": (f"discrete, {transitions.num_actions} values" if transitions.discrete
-                        else f"continuous, {transitions.action_dim} dimension(s)"),
+            "actions": (f"discrete actions 0..{transitions.num_actions - 1}"
+                        if transitions.discrete else
+                        f"continuous actions ({transitions.action_dim} dimension"
+                        f"{'s' if transitions.action_dim > 1 else ''})"),
             "covariate_names": (None if transitions.covariates is None else
                                 list(_covariate_names(None, transitions))),
             "agent_ids": [str(k) for k in (transitions.agent_keys

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import logging
 import os
+import stat
+import warnings
 
 import numpy as np
 import pytest
@@ -299,3 +301,116 @@ def test_parquet_long_format(tmp_path):
     pq.write_table(table, path)
     with pytest.raises(ValueError, match="obs_temp.*row 2"):
         data.load_parquet(path, map_agent_ids=True)
+
+
+# ---------------------------------------------------------------------------
+# Own data as users bring it: covariate columns, scale checks, hold-out, modes
+
+COVARIATE_CSV = """patient,step,obs_level,obs_meal,action_dose,cov_age,cov_weight
+b#2,0,100.0,0.0,0.5,41,70.5
+a#1,1,101.0,0.0,0.1,30,60.0
+a#1,0,99.0,40.0,0.2,30,60.0
+b#2,1,98.0,0.0,0.4,41,70.5
+a#1,2,102.0,0.0,0.3,30,60.0
+"""
+
+
+def test_csv_covariate_columns_one_value_per_agent(tmp_path):
+    tr = data.load_csv(_write(tmp_path / "log.csv", COVARIATE_CSV), agent_column="patient",
+                       time_column="step", action_prefix="action_", map_agent_ids=True)
+    assert tr.agent_keys == ("a#1", "b#2")
+    assert tr.state_names == ("obs_level", "obs_meal")
+    assert tr.covariate_names == ("cov_age", "cov_weight")
+    np.testing.assert_allclose(tr.covariates, [[30, 60.0], [41, 70.5]])
+    assert not tr.discrete and tr.action_dim == 1          # covariates are not actions
+    varying = COVARIATE_CSV.replace("b#2,1,98.0,0.0,0.4,41,70.5", "b#2,1,98.0,0.0,0.4,42,70.5")
+    with pytest.raises(ValueError) as error:
+        data.load_csv(_write(tmp_path / "bad.csv", varying), agent_column="patient",
+                      time_column="step", action_prefix="action_", map_agent_ids=True)
+    message = str(error.value)
+    for word in ("cov_age", "'b#2'", "41 at", "line 2", "42 at", "line 5"):
+        assert word in message, (word, message)
+    none = data.load_csv(tmp_path / "log.csv", agent_column="patient", time_column="step",
+                         action_prefix="action_", map_agent_ids=True, covariate_prefix=None,
+                         state_columns=["obs_level"])
+    assert none.covariates is None and none.covariate_names is None
+
+
+def test_column_scale_ignores_zeros_and_a_few_wild_values():
+    meals = np.zeros(200)
+    meals[::20] = np.linspace(20, 80, 10)                # mostly zero, meals of 20..80 g
+    assert 40 < data.column_scale(meals) < 60
+    data.check_column_values("obs_meal", meals, str)     # real meals pass
+    meals[7] = 1e30
+    with pytest.raises(ValueError, match=r"'obs_meal': 7 has 1e\+30.*allow_outliers"):
+        data.check_column_values("obs_meal", meals, str)
+    data.check_column_values("obs_meal", meals, str, allow_outliers=True)
+    meals[7] = -1e39                                     # float32 cannot hold it: always an error
+    with pytest.raises(ValueError, match="float32"):
+        data.check_column_values("obs_meal", meals, str, allow_outliers=True)
+    assert data.column_scale(np.zeros(5)) == 0.0
+    data.check_column_values("constant", np.zeros(5), str)
+
+
+def test_npz_outliers_and_names(tmp_path):
+    toy = _toy()
+    tr = data.make_transitions(**toy, covariates=np.ones((3, 1)), state_names=["x", "v"],
+                               covariate_names=["mass"])
+    data.save_npz(tmp_path / "ok.npz", tr)
+    back = data.load_npz(tmp_path / "ok.npz")
+    assert back.state_names == ("x", "v") and back.covariate_names == ("mass",)
+    obs = toy["obs"].astype(np.float64)
+    obs[4, 1] = 1e30
+    np.savez(tmp_path / "wild.npz", observations=obs, actions=toy["action"],
+             next_observations=toy["next_obs"], agent_ids=toy["agent_id"])
+    with pytest.raises(ValueError, match=r"observations\[:, 1\].*row 4"):
+        data.load_npz(tmp_path / "wild.npz")
+    assert data.load_npz(tmp_path / "wild.npz", allow_outliers=True).num_transitions == 12
+    obs[4, 1] = 1e39
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                    # no numpy overflow warning
+        with pytest.raises(ValueError, match="row 4, column 1 is 1e\\+39.*float32"):
+            data.make_transitions(obs, toy["action"], toy["next_obs"], toy["agent_id"])
+
+
+def test_messages_show_plain_values(tmp_path):
+    text = "agent_id,time,obs_0,action\n0,0,0.0,1\n0,1,1.0,0.25\n"
+    with pytest.raises(ValueError) as error:
+        data.load_csv(_write(tmp_path / "a.csv", text), discrete_actions=True)
+    assert "has 0.25, not an integer action" in str(error.value)
+    assert "np." not in str(error.value)
+    with pytest.raises(ValueError) as error:
+        data.make_transitions(np.zeros((2, 1)), np.array([0.0, 0.5]), np.zeros((2, 1)),
+                              np.zeros(2, int), num_actions=2)
+    assert "has 0.5" in str(error.value) and "np." not in str(error.value)
+
+
+def test_time_ordered_split_holds_out_each_agents_end():
+    agent_id = np.array([0] * 10 + [1] * 3 + [2] * 1 + [3] * 2)
+    rng = np.random.default_rng(0)
+    order = rng.permutation(agent_id.size)          # agents interleaved, time order kept
+    order = np.concatenate([np.sort(order[agent_id[order] == a]) for a in range(4)])
+    tr = data.make_transitions(np.zeros((16, 1)), np.zeros(16, int), np.zeros((16, 1)),
+                               agent_id[np.argsort(order)], num_actions=1)
+    train_index, held_out = data.time_ordered_split(tr, 0.2)
+    ids = np.asarray(tr.agent_id)
+    for agent, expected in ((0, 2), (1, 1), (2, 0), (3, 1)):
+        rows = np.flatnonzero(ids == agent)
+        assert list(held_out[ids[held_out] == agent]) == list(rows[len(rows) - expected:])
+    assert sorted([*train_index, *held_out]) == list(range(16))
+    with pytest.raises(ValueError, match="held_out_fraction"):
+        data.time_ordered_split(tr, 1.0)
+
+
+def test_atomic_write_gives_the_umask_permissions(tmp_path):
+    old = os.umask(0o027)
+    try:
+        with data.atomic_write(tmp_path / "a.bin") as handle:
+            handle.write(b"x")
+        os.umask(0o002)
+        with data.atomic_write(tmp_path / "b.txt", "w") as handle:
+            handle.write("y")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(os.stat(tmp_path / "a.bin").st_mode) == 0o640
+    assert stat.S_IMODE(os.stat(tmp_path / "b.txt").st_mode) == 0o664
