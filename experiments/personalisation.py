@@ -209,8 +209,9 @@ def evaluate(models: Mapping[str, Simulator], transitions: Transitions, held_out
                 finite = agent_relative[np.isfinite(agent_relative)]
                 summary[name][horizon] = float(finite.mean()) if finite.size else None
     return {
-        "split": (f"time-ordered: the last {HELD_OUT_FRACTION:.0%} of each agent's trajectory "
-                  f"held out, the first {1 - HELD_OUT_FRACTION:.0%} trained on"),
+        "split": (f"time-ordered: the last {100 * HELD_OUT_FRACTION:.0f} % of each agent's "
+                  f"trajectory held out, the first {100 * (1 - HELD_OUT_FRACTION):.0f} % "
+                  f"trained on"),
         "held_out_fraction": HELD_OUT_FRACTION,
         "held_out_transitions": int(held_out.size),
         "open_loop_steps": int(open_loop_steps),
@@ -298,7 +299,7 @@ def verdict(relative_by_agent: Mapping, ids: list[str], open_loop_steps: int) ->
         "did not help": "**Personalisation did not help**: one model for everybody predicted "
                         "better.",
         "no clear difference": "**Personalisation made no clear difference** (within "
-                               f"{MARGIN:.0%}).",
+                               f"{100 * MARGIN:.0f} %).",
         "mixed": "**Personalisation helped on one horizon and not on the other.**",
         "unknown": "**Not enough held-out data to tell whether personalisation helps.**",
     }[kind]
@@ -317,9 +318,15 @@ def verdict(relative_by_agent: Mapping, ids: list[str], open_loop_steps: int) ->
             f"{direction} than the population model's (mean over {c['agents']} agents of the "
             f"error relative to each dimension's spread: {c['persim']:.3g} vs "
             f"{c['population']:.3g}; no change: {_fmt(c['no_change'])}). PerSim is better by "
-            f"more than {MARGIN:.0%} for {len(c['better'])} agent(s), worse for "
+            f"more than {100 * MARGIN:.0f} % for {len(c['better'])} agent(s), worse for "
             f"{len(c['worse'])}, about the same for {len(c['same'])}.")
     main = comparisons["one_step"] or comparisons["open_loop"]
+    if main is not None and main["no_change"] is not None and (
+            main["persim"] >= main["no_change"]):
+        sentences.append(
+            f"But on average PerSim predicts no better than assuming nothing changes "
+            f"({main['persim']:.3g} vs {main['no_change']:.3g}): neither simulator is useful "
+            f"yet; train longer (--epochs), or check that the states carry what drives them.")
     if main is not None:
         if main["better"]:
             sentences.append(f"It helped most for: {_names(main['better'], main['ratio'])}.")

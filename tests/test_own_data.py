@@ -267,3 +267,59 @@ def test_allow_outliers_accepts_a_wild_value(tmp_path):
     largest = max(float(np.max(transitions.obs)), float(np.max(transitions.next_obs)))
     assert largest == pytest.approx(1e30, rel=1e-6)
     assert transitions.agent_keys == tuple(sorted(IDS))
+
+
+def _relative(persim, population, no_change, open_loop=None):
+    arrays = {"one_step": [np.asarray(x, float) for x in (persim, population, no_change)]}
+    arrays["open_loop"] = [np.asarray(x, float) for x in (open_loop or (persim, population,
+                                                                        no_change))]
+    return {(model, horizon): arrays[horizon][i] for horizon in arrays
+            for i, model in enumerate(("persim", "population", "no_change"))}
+
+
+def test_verdict_says_whether_and_for_whom():
+    from experiments import personalisation
+
+    ids = ["a", "b", "c"]
+    helped = personalisation.verdict(_relative([0.1, 0.5, 0.4], [0.4, 0.5, 0.5], [1, 1, 1]),
+                                     ids, 5)
+    assert helped["verdict"] == "helped"
+    assert helped["one_step"]["better"] == ["a", "c"] and helped["one_step"]["same"] == ["b"]
+    assert "It helped most for: a (-75 %), c (-20 %)" in helped["statement"]
+    worse = personalisation.verdict(_relative([0.6, 0.6, 0.6], [0.4, 0.5, 0.5], [1, 1, 1]),
+                                    ids, 5)
+    assert worse["verdict"] == "did not help"
+    assert worse["one_step"]["worse"][0] == "a"                # the most hurt first
+    assert sorted(worse["one_step"]["worse"]) == ["a", "b", "c"]
+    same = personalisation.verdict(_relative([0.5, 0.5, 0.5], [0.51, 0.49, 0.5], [1, 1, 1]),
+                                   ids, 5)
+    assert same["verdict"] == "no clear difference"
+    mixed = personalisation.verdict(
+        _relative([0.1, 0.1, 0.1], [0.5, 0.5, 0.5], [1, 1, 1],
+                  open_loop=([0.9, 0.9, 0.9], [0.5, 0.5, 0.5], [1, 1, 1])), ids, 5)
+    assert mixed["verdict"] == "mixed"
+    useless = personalisation.verdict(_relative([0.3, 0.3, 0.3], [0.9, 0.9, 0.9],
+                                                [0.2, 0.2, 0.2]), ids, 5)
+    assert useless["verdict"] == "helped" and "no better than assuming nothing changes" in (
+        useless["statement"])
+    no_windows = personalisation.verdict(
+        _relative([0.1, 0.5, 0.4], [0.4, 0.5, 0.5], [1, 1, 1],
+                  open_loop=([np.nan] * 3, [np.nan] * 3, [np.nan] * 3)), ids, 5)
+    assert no_windows["verdict"] == "helped" and "--open_loop_steps" in no_windows["statement"]
+
+
+def test_open_loop_windows_stay_within_one_logged_chain():
+    from experiments import personalisation
+    from persim_jax import data
+
+    # Agent 0: 0 -> 1 -> 2 -> (reset) 10 -> 11; agent 1: 20 -> 21 -> 22.
+    obs = np.array([0, 1, 10, 20, 21], float)[:, None]
+    next_obs = np.array([1, 2, 11, 21, 22], float)[:, None]
+    tr = data.make_transitions(obs, np.zeros(5, int), next_obs, np.array([0, 0, 0, 1, 1]),
+                               num_actions=1)
+    every = np.arange(5)
+    np.testing.assert_array_equal(personalisation.open_loop_windows(tr, every, 1), every)
+    np.testing.assert_array_equal(personalisation.open_loop_windows(tr, every, 2), [0, 3])
+    np.testing.assert_array_equal(personalisation.open_loop_windows(tr, every, 3), [])
+    np.testing.assert_array_equal(personalisation.open_loop_windows(tr, np.array([1, 3, 4]), 2),
+                                  [3])

@@ -159,7 +159,12 @@ def test_user_data_trains_and_reports_validation(tmp_path):
         for model in ("persim", "population"):
             assert all(r >= 0 for r in entry[model]["one_step"]["rmse"])
     assert os.path.exists(os.path.join(directory, "results.json"))
-    assert os.path.exists(os.path.join(directory, "report.md"))
+    # No covariates: the factors' t-SNE alone, and the report says how to add them.
+    assert results["figures"] == ["tsne_factors.png"]
+    with open(os.path.join(directory, "report.md")) as handle:
+        text = handle.read()
+    assert "(tsne_factors.png)" in text and "named `cov_<name>`" in text
+    assert "Does personalisation help?" in text and "num_agents" not in text
     with np.load(os.path.join(directory, "agent_factors.npz")) as factors:
         assert factors["factors"].shape[:2] == (2, num_agents)
 
