@@ -292,7 +292,8 @@ def _own_data_how_to_read(results: dict) -> str:
         "## How to read", "",
         "- **PerSim** is the personalised simulator: one network, each agent with its own "
         "latent factor. The **population model** is the same network trained with every "
-        "agent's id set to one: a single model for everybody. **No change** predicts that the "
+        "agent's id set to the same value: a single model for everybody. **No change** "
+        "predicts that the "
         "state stays as it is; a useful model beats it.",
         "- The models were trained on the first 80 % of each agent's trajectory and scored on "
         "the last 20 %, its future: the errors are what to expect when simulating an agent "
