@@ -238,7 +238,8 @@ STACKED_FORMAT = "persim-jax-per-agent-simulators"
 def pooled(transitions: Transitions) -> Transitions:
     """The transitions as one agent's (every id 0): the population's data."""
     return transitions.replace(agent_id=np.zeros_like(np.asarray(transitions.agent_id)),
-                               num_agents=1, covariates=None, agent_keys=None)
+                               num_agents=1, covariates=None, covariate_names=None,
+                               agent_keys=None)
 
 
 def own_trajectory(transitions: Transitions, agent: int) -> Transitions:
