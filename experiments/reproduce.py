@@ -54,6 +54,8 @@ KNOWN_CAUSES = {
         "(Δv = F·(a − 1) − g·cos 3x): a linear probe from the learned context to gravity has "
         "held-out R² 0.04 here, against 1.00 for CartPole's force "
         "(`python -m experiments.cadm_context_probe`, `vanilla_cadm_context_probe.json`)."),
+    ("mountaincar", "random", "pe_ts_cadm"): (
+        "As Vanilla CaDM: its contexts cannot tell gravity apart (the linear probe above)."),
     ("mountaincar", "random", "persim"): (
         "The low-gravity test agents' RMSE stays near 0.009 against the paper's 0.001 whatever "
         "the training length (quick, 60 epochs: 0.0078 and 0.0064; paper preset, 300 epochs: "
