@@ -50,12 +50,19 @@ KNOWN_CAUSES = {
         "it scores −500 for every test agent, ours −82 to −151 "
         "(`python -m experiments.bcq_bootstrap`, `bcq_bootstrap.json`)."),
     ("mountaincar", "random", "vanilla_cadm"): (
-        "CaDM's context sees Δs and actions only, never the position that gravity multiplies "
-        "(Δv = F·(a − 1) − g·cos 3x): a linear probe from the learned context to gravity has "
-        "held-out R² 0.04 here, against 1.00 for CartPole's force "
-        "(`python -m experiments.cadm_context_probe`, `vanilla_cadm_context_probe.json`)."),
+        "Ours predicts and plans better than the paper's CaDM (why, not found). Both fail on the "
+        "heavy-gravity agents, and that is measured: CaDM's context sees Δs and actions only, "
+        "never the position that gravity multiplies (Δv = F·(a − 1) − g·cos 3x); a linear probe "
+        "from the learned context to gravity has held-out R² 0.04 here, against 1.00 for "
+        "CartPole's force (`python -m experiments.cadm_context_probe`, "
+        "`vanilla_cadm_context_probe.json`)."),
     ("mountaincar", "random", "pe_ts_cadm"): (
-        "As Vanilla CaDM: its contexts cannot tell gravity apart (the linear probe above)."),
+        "As Vanilla CaDM: better than the paper's (why, not found); failing on heavy gravity "
+        "because its context cannot tell gravity apart."),
+    ("cartpole", "pure", "vanilla_cadm"): (
+        "Ours predicts and plans far better than the paper's CaDM (its RMSE of 3-12 exceeds "
+        "CartPole's state scale); not investigated. The learned context identifies the push "
+        "force (held-out R² 1.00, `vanilla_cadm_context_probe.json`)."),
     ("mountaincar", "random", "persim"): (
         "The low-gravity test agents' RMSE stays near 0.009 against the paper's 0.001 whatever "
         "the training length (quick, 60 epochs: 0.0078 and 0.0064; paper preset, 300 epochs: "
