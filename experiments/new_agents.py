@@ -188,7 +188,7 @@ def run_new_agents(env_name: str, dataset: str, *, preset: str = "quick", seed: 
     timing = {}
     config = run_lib.resolve_settings(env_name, dataset, preset, overrides)
     env = envs.make(env_name)
-    transitions, metadata, name, _ = run_lib._dataset_stage(env_name, dataset, config, seed,
+    transitions, metadata, name, _ = run_lib.dataset_stage(env_name, dataset, config, seed,
                                                             data_dir)
     directory = os.path.join(out_dir, env_name, name)
     the_run = run_lib.Run(directory, force)
@@ -202,9 +202,9 @@ def run_new_agents(env_name: str, dataset: str, *, preset: str = "quick", seed: 
     population = methods.Population(config.training())
     train_start = time.time()
     [simulator], _ = run_lib.train_stage(the_run, persim, transitions, 1, seed,
-                                         run_lib._digest(dataset_key), test_ids)
+                                         run_lib.digest(dataset_key), test_ids)
     [pooled], _ = run_lib.train_stage(the_run, population, transitions, 1, seed,
-                                      run_lib._digest(dataset_key), test_ids)
+                                      run_lib.digest(dataset_key), test_ids)
     timing["train"] = round(time.time() - train_start, 2)
 
     agents_key, log_key = jax.random.split(_key("agents", seed))
@@ -219,7 +219,7 @@ def run_new_agents(env_name: str, dataset: str, *, preset: str = "quick", seed: 
     retrain_start = time.time()
     retrain_run = run_lib.Run(os.path.join(directory, "new_agents"), force)
     combined = with_new_agents(transitions, new)
-    retrain_key = run_lib._digest({"dataset": dataset_key, "new_agents": covariates.tolist(),
+    retrain_key = run_lib.digest({"dataset": dataset_key, "new_agents": covariates.tolist(),
                                    "log_seed": seed})
     [retrained], _ = run_lib.train_stage(retrain_run, persim, combined, 1, seed, retrain_key,
                                          test_ids)
@@ -392,7 +392,7 @@ def write_section(results: dict, path: str) -> str:
 
 
 def main(argv):
-    run_lib._show_progress()
+    run_lib.show_progress()
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     if FLAGS.env is None:

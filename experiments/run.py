@@ -233,7 +233,8 @@ def planner_description(planner) -> dict:
     return {"kind": type(planner.config).__name__, **dataclasses.asdict(planner.config)}
 
 
-def _digest(payload) -> str:
+def digest(payload) -> str:
+    """A short SHA-256 of `payload` (JSON-able): the stages' cache keys."""
     text = json.dumps(payload, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
@@ -435,7 +436,7 @@ def train_stage(run: Run, method: methods.Method, transitions, trials: int, seed
     trained, seconds = [], 0.0
     agents = None if agent_ids is None else [int(a) for a in agent_ids]
     for trial in range(trials):
-        key = _digest({"dataset": dataset_key, "train": method.description(),
+        key = digest({"dataset": dataset_key, "train": method.description(),
                        "seed": seed + trial, "method": method.name, "agents": agents})
         stage = f"train_{method.name}_trial{trial}"
         path = run.path(_artefact_name(method, trial))
@@ -494,7 +495,7 @@ def test_agents_of(env, transitions):
 def prediction_stage(run: Run, env, method: methods.Method, trained: list, covariates,
                      agent_ids, config: RunConfig, seed: int, train_key) -> dict:
     """The paper's open-loop prediction error of `method`, averaged over trials."""
-    key = _digest({"train": train_key, "method": method.name,
+    key = digest({"train": train_key, "method": method.name,
                    "episodes": config.prediction_episodes, "agents": agent_ids.tolist(),
                    "seed": seed})
     stage = f"prediction_{method.name}"
@@ -540,7 +541,7 @@ def reward_stage(run: Run, env, method: methods.Method, trained: list, covariate
     planner_key = ({k: v for k, v in planner_description(planner).items()
                     if k != "shard_candidates"} if model_based else None)
     episodes = config.episodes if model_based else config.policy_episodes
-    key = _digest({"train": train_key if method.trains else None, "method": method.name,
+    key = digest({"train": train_key if method.trains else None, "method": method.name,
                    "planner": planner_key, "episodes": episodes,
                    "max_steps": config.max_steps, "agents": agent_ids.tolist(), "seed": seed})
     stage = f"reward_{method.name}"
@@ -707,7 +708,7 @@ def plots_stage(run: Run, env, simulators, transitions, covariates, agent_ids, s
 # The pipeline
 
 
-def _dataset_stage(env_name, dataset, config: RunConfig, seed: int, data_dir: str,
+def dataset_stage(env_name, dataset, config: RunConfig, seed: int, data_dir: str,
                    loader_options: dict | None = None):
     """(transitions, metadata, name, seconds), with progress lines."""
     start = time.time()
@@ -772,7 +773,7 @@ def run_pipeline(env_name: str | None, dataset: str, config: RunConfig, *, prese
     total_start = time.time()
     env = envs.make(env_name) if env_name is not None else None
     own_data = dataset not in datasets.DATASETS
-    transitions, metadata, name, dataset_seconds = _dataset_stage(env_name, dataset, config,
+    transitions, metadata, name, dataset_seconds = dataset_stage(env_name, dataset, config,
                                                                   seed, data_dir, loader_options)
     chosen = methods_for(env, config)      # before any output: a bad --methods leaves none
     everything = transitions
@@ -800,7 +801,7 @@ def run_pipeline(env_name: str | None, dataset: str, config: RunConfig, *, prese
     trained, train_seconds = {}, {}
     for method in chosen:
         trained[method.name], train_seconds[method.name] = train_stage(
-            run, method, transitions, config.trials, seed, _digest(dataset_key), agent_ids)
+            run, method, transitions, config.trials, seed, digest(dataset_key), agent_ids)
     simulators = trained[methods.PerSim.name]
     rows, planner = {}, None
     if env is not None and agent_ids is not None:
@@ -811,7 +812,7 @@ def run_pipeline(env_name: str | None, dataset: str, config: RunConfig, *, prese
     validation = None
     if own_data:
         validation = personalisation_stage(run, config, everything, transitions, held_out,
-                                           trained, seed, _digest(dataset_key))
+                                           trained, seed, digest(dataset_key))
         transitions = everything
 
     factors_stage(run, simulators, transitions)
@@ -860,7 +861,7 @@ def run_pipeline(env_name: str | None, dataset: str, config: RunConfig, *, prese
     return results
 
 
-def _show_progress() -> None:
+def show_progress() -> None:
     """Our progress lines at INFO; the libraries' INFO lines (orbax logs every
     checkpoint) hidden unless --verbosity is given."""
     if not FLAGS["verbosity"].present:
@@ -876,7 +877,7 @@ def _show_progress() -> None:
 
 
 def main(argv):
-    _show_progress()
+    show_progress()
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     try:
