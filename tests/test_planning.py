@@ -392,13 +392,13 @@ def test_icem_approaches_the_optimal_sequence_of_an_integrator():
     assert bool(state.has_elites) and state.elites.shape == (2, 10, 1)
     # The carried elites are shifted by one step: their last step is zero.
     np.testing.assert_array_equal(np.asarray(state.elites[:, -1]), 0.0)
-    # MPC from the true state drives it to 0.
-    plan = jax.jit(planner.plan, static_argnums=3)
+    # MPC from the true state drives it to 0 (`plan` plays the sequence's
+    # first action; the compiled `sequence` is reused).
     obs = jnp.array([0.5])
     for i in range(5):
-        action, state = plan(jax.random.PRNGKey(i + 1), state, obs, dynamics)
-        assert np.all(np.abs(np.asarray(action)) <= 1.0)
-        obs = obs + action
+        best, state = sequence(jax.random.PRNGKey(i + 1), state, obs, dynamics)
+        assert np.all(np.abs(np.asarray(best)) <= 1.0)
+        obs = obs + best[0]
     assert abs(float(obs[0])) < 0.05
 
 
@@ -409,6 +409,7 @@ def test_icem_keeps_the_best_sequence_and_stays_in_the_box():
         "reward": staticmethod(lambda o, a, n: jnp.sum(a, axis=-1)),
         "terminated": staticmethod(lambda n: jnp.zeros(n.shape[:-1], bool))})())
     dynamics = integrator(lambda a: a[..., 0])
-    best, _ = planner.sequence(jax.random.PRNGKey(1), planner.init(), jnp.array([0.0]), dynamics)
+    sequence = jax.jit(planner.sequence, static_argnums=3)
+    best, _ = sequence(jax.random.PRNGKey(1), planner.init(), jnp.array([0.0]), dynamics)
     assert np.all(np.asarray(best) <= 0.7) and np.all(np.asarray(best) >= -0.3)
     assert float(np.mean(np.asarray(best))) > 0.5         # the optimum: 0.7 everywhere
