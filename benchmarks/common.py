@@ -6,6 +6,8 @@ import datetime
 import json
 import os
 import platform
+import subprocess
+import sys
 import time
 from typing import Any, Callable
 
@@ -39,3 +41,17 @@ def best_time(fn: Callable[[], Any], repeats: int) -> float:
 
 def emit(record: dict[str, Any]) -> None:
     print(json.dumps(record), flush=True)
+
+
+def simulator_path(simulator: str | None, env: str, dataset: str, data_dir: str) -> str:
+    """`simulator`, or the quick run's simulator of env/dataset
+    (`runs/quick/<env>/<dataset>/simulator_trial0.msgpack`), trained first
+    (`experiments.run --preset=quick`, no evaluation) when missing."""
+    if simulator:
+        return simulator
+    path = os.path.join("runs", "quick", env, dataset, "simulator_trial0.msgpack")
+    if not os.path.exists(path):
+        subprocess.check_call([sys.executable, "-m", "experiments.run", f"--env={env}",
+                               f"--dataset={dataset}", "--preset=quick", "--out_dir=runs/quick",
+                               f"--data_dir={data_dir}", "--skip=prediction,reward,plots"])
+    return path

@@ -26,9 +26,6 @@ f · 1200 sequences.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import time
 
 import jax
@@ -37,7 +34,7 @@ import numpy as np
 from absl import app, flags
 
 import envs
-from benchmarks.common import emit, machine
+from benchmarks.common import emit, machine, simulator_path
 from experiments import config as config_lib
 from experiments import paper
 from experiments.datagen import datasets
@@ -51,36 +48,6 @@ _STATES = flags.DEFINE_integer("states", 20, "Start states (spread over the 5 te
 _FRACTIONS = flags.DEFINE_list("fractions", ["0.5", "0.25", "0.125"],
                                "iCEM budgets as fractions of the paper CEM's.")
 _SEED = flags.DEFINE_integer("seed", 0, "Planning keys.")
-
-ICEM_ROUNDS, ICEM_ELITES, ICEM_DECAY, ICEM_KEEP = 3, 10, 1.25, 0.3
-
-
-def icem_config(cem: planning.CEMConfig, fraction: float) -> planning.ICEMConfig:
-    """iCEM with the paper CEM's objective and horizon, sized to `fraction`
-    of its sequences per plan."""
-    budget = fraction * cem.num_samples * (cem.num_rounds + 1)
-    common = dict(action_dim=cem.action_dim, horizon=cem.horizon, num_elites=ICEM_ELITES,
-                  num_rounds=ICEM_ROUNDS, decay=ICEM_DECAY, keep_elites=ICEM_KEEP,
-                  discount=cem.discount, aggregation=cem.aggregation,
-                  propagation=cem.propagation, action_low=cem.action_low,
-                  action_high=cem.action_high)
-    size = 2 * ICEM_ELITES
-    while planning.ICEMConfig(num_samples=size + 1, **common).sequences_per_plan() <= budget:
-        size += 1
-    return planning.ICEMConfig(num_samples=size, **common)
-
-
-def _simulator_path() -> str:
-    if _SIMULATOR.value:
-        return _SIMULATOR.value
-    path = os.path.join("runs", "quick", _ENV.value, _DATASET.value, "simulator_trial0.msgpack")
-    if not os.path.exists(path):
-        subprocess.check_call([sys.executable, "-m", "experiments.run", f"--env={_ENV.value}",
-                               f"--dataset={_DATASET.value}", "--preset=quick",
-                               "--out_dir=runs/quick", f"--data_dir={_DATA_DIR.value}",
-                               "--skip=prediction,reward,plots"])
-    return path
-
 
 def start_states(transitions, count: int) -> tuple[np.ndarray, np.ndarray]:
     """(agents (S,), states (S, D)): count states spread evenly over the
@@ -121,7 +88,8 @@ def main(argv):
         raise app.UsageError(f"--env: {_ENV.value} has discrete actions; iCEM and CEM plan "
                              "continuous ones")
     settings = config_lib.resolve(_ENV.value, _DATASET.value, "quick")
-    simulator = Simulator.load(_simulator_path())
+    simulator = Simulator.load(simulator_path(_SIMULATOR.value, _ENV.value, _DATASET.value,
+                                              _DATA_DIR.value))
     transitions, _ = datasets.load_or_generate(_ENV.value, _DATASET.value,
                                                data_dir=_DATA_DIR.value, seed=0,
                                                num_agents=settings.num_agents)
@@ -137,7 +105,7 @@ def main(argv):
           "objective_mean": round(float(reference.mean()), 3), "win_rate_vs_cem_paper": 1.0,
           "seconds_per_plan": round(seconds, 3)})
     for fraction in map(float, _FRACTIONS.value):
-        config = icem_config(cem, fraction)
+        config = paper.icem_config(env, fraction)
         values, seconds = measure(planning.icem(config, env.reward, env.terminated), cem,
                                   simulator, env, agents, states, _SEED.value)
         emit({**base, "planner": "icem", "budget_fraction": fraction,

@@ -157,6 +157,36 @@ def planner_config(env, **overrides):
     return planning.planner_config(env, **{**_entry(PLANNERS, env.name, "planner"), **overrides})
 
 
+# iCEM (Pinneri et al. 2020) beside the paper's CEM: 4 rounds, the population
+# shrinking by 1.25 per round, 10 elites of which 30 % are carried over,
+# coloured noise β = 2.5. Its quality per model evaluation against the paper's
+# CEM: `benchmarks.planner_quality` (benchmarks/RESULTS.md).
+ICEM = dict(num_rounds=3, decay=1.25, num_elites=10, keep_elites=0.3, beta=2.5)
+
+
+def icem_config(env, fraction: float, **overrides):
+    """iCEM for continuous-action `env` with the paper CEM's objective and
+    horizon (`planner_config(env)`, then `overrides`), its first population
+    the largest whose rounds fit in `fraction` of the paper CEM's sequences per
+    plan (num_samples × (num_rounds + 1))."""
+    from persim_jax import planning
+
+    if env.discrete_actions:
+        raise ValueError(f"env: {env.name} has discrete actions; iCEM plans continuous ones")
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"fraction: must be in (0, 1]; got {fraction!r}")
+    cem = planner_config(env, **overrides)
+    budget = fraction * cem.num_samples * (cem.num_rounds + 1)
+    fields = {name: getattr(cem, name) for name in (
+        "action_dim", "horizon", "discount", "aggregation", "propagation", "action_low",
+        "action_high", "position_bonus", "position_index")}
+    fields.update(ICEM)
+    size = 2 * fields["num_elites"]
+    while planning.ICEMConfig(num_samples=size + 1, **fields).sequences_per_plan() <= budget:
+        size += 1
+    return planning.ICEMConfig(num_samples=size, **fields)
+
+
 def planner(env, **overrides):
     """The paper's planner for `env` (random shooting for discrete actions,
     CEM for continuous ones), with the env's known reward and termination."""
