@@ -53,20 +53,37 @@ _SEED = flags.DEFINE_integer("seed", 0, "Episode keys.")
 
 
 def make_planner(name: str, env):
-    """(planner, budget fraction) of a `--planners` entry."""
+    """(planner, budget fraction: its sequences per plan over the paper CEM's)
+    of a `--planners` entry:
+
+      cem_paper     the paper's CEM (200 samples, horizon 30, 6 rounds, 50 elites);
+      cem_SxHxR     CEM with S samples, horizon H, R rounds in all, S/5 elites
+                    (the quick preset's former planner: cem_50x10x3);
+      icem_F        iCEM at the fraction F of the paper CEM's sequences per plan;
+      icem_F_hH     the same with horizon H (the quick preset's: icem_0.125_h10).
+    """
     cem = paper.planner_config(env)
-    if name == "cem_paper":
-        return planning.cem(cem, env.reward, env.terminated), 1.0
-    if name.startswith("icem_"):
-        try:
-            fraction = float(name[len("icem_"):])
-        except ValueError:
-            fraction = -1.0
-        if not 0.0 < fraction <= 1.0:
-            raise app.UsageError(f"--planners: {name!r}: the fraction must be in (0, 1]")
-        return planning.icem(paper.icem_config(env, fraction), env.reward,
-                             env.terminated), fraction
-    raise app.UsageError(f"--planners: unknown planner {name!r} (cem_paper or icem_F)")
+    paper_sequences = cem.num_samples * (cem.num_rounds + 1)
+    try:
+        kind, _, rest = name.partition("_")
+        if name == "cem_paper":
+            config = cem
+        elif kind == "cem":
+            samples, horizon, rounds = (int(x) for x in rest.split("x"))
+            config = paper.planner_config(env, num_samples=samples, horizon=horizon,
+                                          num_rounds=rounds - 1,
+                                          num_elites=max(2, samples // 5))
+        elif kind == "icem":
+            fraction, _, horizon = rest.partition("_h")
+            overrides = {"horizon": int(horizon)} if horizon else {}
+            config = paper.icem_config(env, float(fraction), **overrides)
+        else:
+            raise ValueError("unknown kind")
+    except ValueError as error:
+        raise app.UsageError(f"--planners: {name!r}: {error} (cem_paper, cem_SxHxR, icem_F "
+                             "or icem_F_hH)") from None
+    planner = planning.make_planner(config, env)
+    return planner, round(sequences_per_plan(planner) / paper_sequences, 4)
 
 
 def sequences_per_plan(planner) -> int:

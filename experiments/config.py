@@ -28,6 +28,11 @@ PLANNER_FIELDS = {
     "discount": ("discount", "discount"),
 }
 
+# The planners a run can play, and iCEM's default size: the fraction of the
+# paper CEM's sequences per plan at which it matched it (benchmarks/RESULTS.md).
+PLANNER_KINDS = ("paper", "icem")
+ICEM_BUDGET = 0.25
+
 _POSITIVE = ("trials", "num_agents", "ensemble_size", "epochs", "batch_size", "episodes",
              "prediction_episodes", "candidates", "horizon", "cem_elites", "max_steps",
              "bcq_iterations", "policy_episodes", "cadm_iterations", "cadm_pairs_per_epoch",
@@ -54,8 +59,12 @@ class RunConfig:
       max_steps: steps per MPC episode (None: the env's cap).
       prediction_episodes: episodes per test agent of the prediction test.
       true_env_mpc: also plan on the true physics (the upper-bound row).
+      planner: "paper" (random shooting for discrete actions, CEM for
+        continuous ones, the paper's sizes) or "icem" (continuous actions:
+        `paper.icem_config` at `ICEM_BUDGET` of the paper CEM's sequences).
       candidates, horizon, cem_rounds, cem_elites, aggregation, discount:
-        planner overrides (see PLANNER_FIELDS).
+        planner overrides (see PLANNER_FIELDS; for iCEM, candidates is the
+        first round's population).
       methods: the compared methods' names (`experiments.run.METHODS`, or
         "all"; PerSim always runs); None: PerSim, and True env + MPC when
         `true_env_mpc`.
@@ -85,6 +94,7 @@ class RunConfig:
     max_steps: int | None
     prediction_episodes: int
     true_env_mpc: bool
+    planner: str = "paper"
     candidates: int | None = None
     horizon: int | None = None
     cem_rounds: int | None = None
@@ -117,6 +127,9 @@ class RunConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise UserError(f"--{name}: must be a positive integer; got {value}")
+        if self.planner not in PLANNER_KINDS:
+            raise UserError(f"--planner: unknown {self.planner!r}; valid: "
+                            f"{', '.join(PLANNER_KINDS)}")
         if self.cem_rounds is not None and self.cem_rounds < 0:
             raise UserError(f"--cem_rounds: must be >= 0; got {self.cem_rounds}")
         if not self.learning_rate > 0:
@@ -144,6 +157,21 @@ class RunConfig:
             raise UserError(f"--methods: unknown {', '.join(unknown)}; valid: "
                             f"{', '.join(available)}, or all")
         return tuple(name for name in available if name in names or name == "persim")
+
+    def planner_config(self, env):
+        """The planner config of this run for `env`: the paper's (or iCEM
+        sized by `ICEM_BUDGET`), then the run's overrides. UserError names a
+        bad combination."""
+        try:
+            if self.planner == "icem":
+                if env.discrete_actions:
+                    raise ValueError(f"{env.name} has discrete actions; --planner=icem plans "
+                                     "continuous ones")
+                return dataclasses.replace(paper.icem_config(env, ICEM_BUDGET),
+                                           **self.planner_fields(discrete=False))
+            return paper.planner_config(env, **self.planner_fields(env.discrete_actions))
+        except ValueError as error:
+            raise UserError(f"planner settings: {error}") from None
 
     def planner_fields(self, discrete: bool) -> dict[str, Any]:
         """The planner fields this run overrides, for discrete or continuous

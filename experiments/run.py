@@ -21,6 +21,9 @@ settings are unchanged (`--force` redoes them all):
               predicted vs true trajectories of two test agents;
   report      `results.json` and `report.md` (ours beside Tables 8–14).
 
+`--planner=icem` plans continuous actions with iCEM (Pinneri et al. 2020) at a
+quarter of the paper CEM's model evaluations instead of its CEM.
+
 Everything goes to `<out_dir>/<env>/<dataset>/`, written atomically. Presets:
 `quick` (default) is sized for a 2-core CPU, `paper` uses the paper's settings
 (300 epochs, 1000 / 200 candidates, 20 episodes × 5 trials) and is meant for a
@@ -106,8 +109,12 @@ def define_flags() -> None:
     flags.DEFINE_list("state_hidden", None, "Hidden sizes of the state encoder, e.g. 256,512,512.")
     flags.DEFINE_list("action_hidden", None,
                       "Hidden sizes of the continuous action encoder (paper: 256,256).")
+    flags.DEFINE_enum("planner", None, list(config_lib.PLANNER_KINDS),
+                      "paper: random shooting / CEM as the paper; icem: iCEM (continuous "
+                      "actions) at a quarter of the paper CEM's model evaluations.")
     flags.DEFINE_integer("candidates", None,
-                         "Random-shooting candidates (paper: 1000) or CEM samples (paper: 200).")
+                         "Random-shooting candidates (paper: 1000), CEM samples (paper: 200) or "
+                         "iCEM's first population.")
     flags.DEFINE_integer("horizon", None, "Planning horizon (paper: 30; MountainCar 50).")
     flags.DEFINE_integer("cem_rounds", None, "CEM refinement rounds after the first (paper: 5).")
     flags.DEFINE_integer("cem_elites", None, "CEM elites (paper: 50).")
@@ -222,11 +229,9 @@ def methods_for(env, config: RunConfig) -> list[methods.Method]:
 
 
 def planner_for(env, config: RunConfig):
-    """The paper's planner for `env` (the registry's) with the run's overrides."""
-    try:
-        return paper.planner(env, **config.planner_fields(env.discrete_actions))
-    except ValueError as error:
-        raise UserError(f"planner settings: {error}") from None
+    """The run's planner for `env` (`RunConfig.planner_config`), with the
+    env's known reward and termination."""
+    return planning.make_planner(config.planner_config(env), env)
 
 
 def planner_description(planner) -> dict:

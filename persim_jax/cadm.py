@@ -65,7 +65,7 @@ import optax
 from flax import serialization, struct
 from tqdm.auto import tqdm
 
-from persim_jax import checkpoints, evaluation, planning
+from persim_jax import checkpoints, planning
 from persim_jax.data import Transitions, atomic_write, validate_transitions
 from persim_jax.methods import Method
 
@@ -797,14 +797,18 @@ class VanillaCaDM(Method):
     def planner_config(self, config):
         """CaDM's own objective on the run's planner: the particles' mean of
         undiscounted returns, no warm start; at most CaDM's 200 candidates;
-        CEM starts every plan from σ = 0.5 (variance 0.25)."""
+        CEM starts every plan from σ = 0.5 (variance 0.25). A run that plans
+        with iCEM plans CaDM with it too (its carried-over elites kept)."""
         fields = dict(aggregation="mean", discount=1.0)
         if isinstance(config, planning.RandomShootingConfig):
             fields.update(num_candidates=min(config.num_candidates, CANDIDATES), warm_start=False)
         else:
             fields.update(num_samples=min(config.num_samples, CANDIDATES),
-                          num_elites=min(config.num_elites, min(config.num_samples, CANDIDATES)),
-                          init_std_low=0.5, init_std_high=0.5)
+                          num_elites=min(config.num_elites, min(config.num_samples, CANDIDATES)))
+            if isinstance(config, planning.ICEMConfig):
+                fields.update(init_std=0.5)
+            else:
+                fields.update(init_std_low=0.5, init_std_high=0.5)
         return dataclasses.replace(config, **fields)
 
 

@@ -220,6 +220,9 @@ def test_planner_config_is_cadms_objective():
             config.warm_start) == (200, "mean", 1.0, False)
     cem = method.planner_config(planning.CEMConfig(action_dim=6, num_samples=50, num_elites=10))
     assert (cem.num_samples, cem.num_elites, cem.init_std_low) == (50, 10, 0.5)
+    icem = method.planner_config(planning.ICEMConfig(action_dim=6, num_samples=300,
+                                                     init_std=0.2))
+    assert (icem.num_samples, icem.init_std, icem.aggregation) == (200, 0.5, "mean")
 
 
 def test_save_load_and_resume(small_mountaincar_data, tmp_path):

@@ -14,8 +14,9 @@ import sys
 import numpy as np
 import pytest
 
+import envs
 from experiments import run
-from persim_jax import data
+from persim_jax import data, planning
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -125,7 +126,7 @@ def test_halfcheetah_end_to_end(tmp_path):
                                out_dir=out_dir, data_dir=data_dir, skip=("plots",))
     stored = check_results(results, out_dir, "halfcheetah", "random", figures=False)
     assert stored["reward"]["true_env_mpc"] is None
-    assert stored["config"]["planner"]["kind"] == "CEMConfig"
+    assert stored["config"]["planner"]["kind"] == "ICEMConfig"   # the quick preset's
 
 
 def test_user_data_trains_and_reports_validation(tmp_path):
@@ -219,3 +220,23 @@ def test_settings_follow_the_envs_normalisation_and_schedule():
     assert overridden.standardize is True and overridden.lr_halving_epochs is None
     with pytest.raises(run.UserError, match="lr_halving_epochs"):
         run.resolve_settings("cartpole", "pure", "quick", dict(lr_halving_epochs=-1))
+
+
+def test_planner_setting_picks_the_paper_planner_or_icem():
+    cheetah, cartpole = envs.make("halfcheetah"), envs.make("cartpole")
+    paper_cem = run.resolve_settings("halfcheetah", "random", "paper").planner_config(cheetah)
+    assert isinstance(paper_cem, planning.CEMConfig) and paper_cem.num_samples == 200
+    # --planner=icem: a quarter of the paper CEM's sequences per plan.
+    icem = run.resolve_settings("halfcheetah", "random", "paper",
+                                dict(planner="icem")).planner_config(cheetah)
+    assert isinstance(icem, planning.ICEMConfig) and icem.horizon == paper_cem.horizon
+    assert icem.sequences_per_plan() <= 0.25 * 200 * 6 < icem.sequences_per_plan() + 5
+    # The quick preset's iCEM costs what the CEM it replaced did (50 × 3 rounds).
+    quick = run.resolve_settings("halfcheetah", "random", "quick").planner_config(cheetah)
+    assert (quick.num_samples, quick.horizon) == (46, 10)
+    assert quick.sequences_per_plan() <= 150
+    with pytest.raises(run.UserError, match="discrete actions"):
+        run.resolve_settings("cartpole", "pure", "quick",
+                             dict(planner="icem")).planner_config(cartpole)
+    with pytest.raises(run.UserError, match="--planner"):
+        run.resolve_settings("cartpole", "pure", "quick", dict(planner="mppi"))
