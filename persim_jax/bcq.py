@@ -63,7 +63,8 @@ from flax import serialization, struct
 from tqdm.auto import tqdm
 
 from persim_jax import checkpoints, evaluation
-from persim_jax.data import Transitions, atomic_write, validate_transitions
+from persim_jax._validate import positive_int
+from persim_jax.data import Transitions, load_msgpack, save_msgpack, validate_transitions
 from persim_jax.methods import Method
 from persim_jax.model import MLP, mlp_layers
 
@@ -124,9 +125,9 @@ class BCQConfig:
 
     def __post_init__(self):
         for name in ("iterations", "target_samples", "acting_samples"):
-            _check_positive_int(name, getattr(self, name))
+            positive_int(name, getattr(self, name))
         if self.batch_size is not None:
-            _check_positive_int("batch_size", self.batch_size)
+            positive_int("batch_size", self.batch_size)
         if self.learning_rate is not None:
             _check_range("learning_rate", self.learning_rate, 0.0, np.inf, low_open=True)
         _check_range("discount", self.discount, 0.0, 1.0)
@@ -140,7 +141,7 @@ class BCQConfig:
             if isinstance(sizes, (str, bytes)) or not hasattr(sizes, "__iter__") or not sizes:
                 raise ValueError(f"{name}: a non-empty sequence of layer sizes; got {sizes!r}")
             for size in sizes:
-                _check_positive_int(name, size)
+                positive_int(name, size)
             object.__setattr__(self, name, tuple(int(s) for s in sizes))
         for name in ("discount", "tau", "threshold", "phi", "lam", "max_action"):
             object.__setattr__(self, name, float(getattr(self, name)))
@@ -158,11 +159,6 @@ class BCQConfig:
         """JSON-able fields (tuples as lists)."""
         return {k: list(v) if isinstance(v, tuple) else v
                 for k, v in dataclasses.asdict(self).items()}
-
-
-def _check_positive_int(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"{name}: must be a positive integer; got {value!r}")
 
 
 def _check_range(name, value, low, high, *, low_open=False, high_open=False) -> None:
@@ -468,15 +464,11 @@ class BCQPolicies:
         payload = {"format": FILE_FORMAT, "config": self.config.to_dict(),
                    "agent_ids": None if self.agent_ids is None else list(self.agent_ids),
                    "params": jax.tree.map(np.asarray, serialization.to_state_dict(self.params))}
-        with atomic_write(path) as handle:
-            handle.write(serialization.msgpack_serialize(payload))
+        save_msgpack(path, payload)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "BCQPolicies":
-        with open(path, "rb") as handle:
-            payload = serialization.msgpack_restore(handle.read())
-        if not isinstance(payload, dict) or payload.get("format") != FILE_FORMAT:
-            raise ValueError(f"{os.fspath(path)}: not a file of BCQ policies")
+        payload = load_msgpack(path, FILE_FORMAT, "a file of BCQ policies")
         ids = payload["agent_ids"]
         return cls(params=jax.tree.map(jnp.asarray, payload["params"]),
                    config=BCQConfig(**payload["config"]),
@@ -603,7 +595,7 @@ def fit(transitions: Transitions, config: BCQConfig | None = None, *, key: jax.A
     """
     config = (config or BCQConfig()).resolved(transitions.discrete)
     _check_inputs(transitions, config, agent_ids)
-    _check_positive_int("chunk_iterations", chunk_iterations)
+    positive_int("chunk_iterations", chunk_iterations)
     data = policy_data(transitions, agent_ids)
     agents = jnp.asarray([0] if agent_ids is None else [int(a) for a in agent_ids])
     keys = jax.vmap(lambda a: jax.random.split(jax.random.fold_in(key, a)))(agents)

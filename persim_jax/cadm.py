@@ -62,11 +62,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from flax import serialization, struct
+from flax import struct
 from tqdm.auto import tqdm
 
 from persim_jax import checkpoints, planning
-from persim_jax.data import Transitions, atomic_write, validate_transitions
+from persim_jax._validate import positive_int
+from persim_jax.data import Transitions, load_msgpack, save_msgpack, validate_transitions
 from persim_jax.methods import Method
 
 FILE_FORMAT = "persim-jax-cadm"
@@ -92,11 +93,6 @@ EPSILON = 1e-10
 
 # ---------------------------------------------------------------------------
 # Config
-
-
-def _check_positive_int(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"{name}: must be a positive integer; got {value!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -146,10 +142,10 @@ class CaDMConfig:
     def __post_init__(self):
         for name in ("ensemble_size", "particles", "history", "future", "context_dim",
                      "batch_size", "iterations", "epochs", "max_validation"):
-            _check_positive_int(name, getattr(self, name))
+            positive_int(name, getattr(self, name))
             object.__setattr__(self, name, int(getattr(self, name)))
         if self.pairs_per_epoch is not None:
-            _check_positive_int("pairs_per_epoch", self.pairs_per_epoch)
+            positive_int("pairs_per_epoch", self.pairs_per_epoch)
             object.__setattr__(self, "pairs_per_epoch", int(self.pairs_per_epoch))
         if self.particles % self.ensemble_size:
             raise ValueError(f"particles: must be a multiple of ensemble_size="
@@ -162,7 +158,7 @@ class CaDMConfig:
             if isinstance(sizes, (str, bytes)) or not hasattr(sizes, "__iter__") or not sizes:
                 raise ValueError(f"{name}: a non-empty sequence of layer sizes; got {sizes!r}")
             for size in sizes:
-                _check_positive_int(name, size)
+                positive_int(name, size)
             object.__setattr__(self, name, tuple(int(s) for s in sizes))
         for name, value in (("back_coeff", self.back_coeff),
                             ("learning_rate", self.learning_rate)):
@@ -273,15 +269,11 @@ class CaDMModel:
                    "params": jax.tree.map(np.asarray, self.params),
                    "stats": {k: np.asarray(v) for k, v in self.stats._asdict().items()},
                    "validation_loss": np.asarray(self.validation_loss)}
-        with atomic_write(path) as handle:
-            handle.write(serialization.msgpack_serialize(payload))
+        save_msgpack(path, payload)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "CaDMModel":
-        with open(path, "rb") as handle:
-            payload = serialization.msgpack_restore(handle.read())
-        if not isinstance(payload, dict) or payload.get("format") != FILE_FORMAT:
-            raise ValueError(f"{os.fspath(path)}: not a CaDM model file")
+        payload = load_msgpack(path, FILE_FORMAT, "a CaDM model file")
         return cls(params=jax.tree.map(jnp.asarray, payload["params"]),
                    stats=Stats(**{k: jnp.asarray(v) for k, v in payload["stats"].items()}),
                    validation_loss=jnp.asarray(payload["validation_loss"]),

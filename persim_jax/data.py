@@ -465,6 +465,30 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[Any]:
         raise
 
 
+def save_msgpack(path: str | os.PathLike, payload: dict) -> None:
+    """Writes `payload` (a dict of arrays, numbers, strings, lists; with a
+    "format" entry naming the file's kind) as one msgpack file, atomically."""
+    from flax import serialization
+
+    with atomic_write(path) as handle:
+        handle.write(serialization.msgpack_serialize(payload))
+
+
+def load_msgpack(path: str | os.PathLike, file_format: str, what: str) -> dict:
+    """The payload of a `save_msgpack` file whose "format" is `file_format`;
+    ValueError "<path>: not <what>" for any other file."""
+    from flax import serialization
+
+    with open(path, "rb") as handle:
+        try:
+            payload = serialization.msgpack_restore(handle.read())
+        except Exception:       # msgpack raises several types for foreign bytes
+            payload = None
+    if not isinstance(payload, dict) or payload.get("format") != file_format:
+        raise ValueError(f"{os.fspath(path)}: not {what}")
+    return payload
+
+
 def _current_umask() -> int:
     """The process's umask (read by setting it and putting it back)."""
     umask = os.umask(0o022)

@@ -31,10 +31,10 @@ from typing import Any, ClassVar, Sequence
 
 import jax
 import numpy as np
-from flax import serialization, struct
+from flax import struct
 
 from persim_jax import evaluation
-from persim_jax.data import Transitions, atomic_write
+from persim_jax.data import Transitions, load_msgpack, save_msgpack
 from persim_jax.model import Simulator
 from persim_jax.train import TrainConfig, fit
 
@@ -217,14 +217,10 @@ class PerAgent(Method):
         count = trained.validation_loss.shape[0]
         payload = {"format": STACKED_FORMAT,
                    "simulators": [_row(trained, i).to_bytes() for i in range(count)]}
-        with atomic_write(path) as handle:
-            handle.write(serialization.msgpack_serialize(payload))
+        save_msgpack(path, payload)
 
     def load(self, path) -> Simulator:
-        with open(path, "rb") as handle:
-            payload = serialization.msgpack_restore(handle.read())
-        if payload.get("format") != STACKED_FORMAT:
-            raise ValueError(f"{os.fspath(path)}: not a file of per-agent simulators")
+        payload = load_msgpack(path, STACKED_FORMAT, "a file of per-agent simulators")
         return stack_simulators([Simulator.from_bytes(data, os.fspath(path))
                                  for data in payload["simulators"]])
 

@@ -56,6 +56,7 @@ import numpy as np
 from jax.sharding import Mesh, PartitionSpec
 
 from persim_jax import model
+from persim_jax._validate import positive_int
 
 Array = jax.Array
 Dynamics = Callable[[Array, Array], Array]
@@ -102,9 +103,7 @@ def _check_objective(config) -> None:
 
 def _check_positive(config, *names) -> None:
     for name in names:
-        value = getattr(config, name)
-        if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
-            raise ValueError(f"{name}: must be a positive integer; got {value!r}")
+        positive_int(name, getattr(config, name))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 
 from persim_jax import checkpoints
 from persim_jax import model as model_lib
+from persim_jax._validate import positive_int
 from persim_jax.data import Transitions, validate_transitions
 from persim_jax.model import ModelConfig, NormStats, Simulator
 
@@ -304,11 +305,11 @@ class TrainConfig:
             if not tuple(self.rank_candidates):
                 raise ValueError("rank_candidates: empty")
             for r in self.rank_candidates:
-                _check_positive_int("rank_candidates", r)
+                positive_int("rank_candidates", r)
         else:
-            _check_positive_int("rank", self.rank)
+            positive_int("rank", self.rank)
         for name in ("ensemble_size", "epochs", "batch_size"):
-            _check_positive_int(name, getattr(self, name))
+            positive_int(name, getattr(self, name))
         if not (isinstance(self.learning_rate, (int, float)) and self.learning_rate > 0):
             raise ValueError(f"learning_rate: must be a positive number; got "
                              f"{self.learning_rate!r}")
@@ -385,7 +386,7 @@ def fit(
     """
     validate_transitions(transitions)
     config = TrainConfig(**fields) if config is None else dataclasses.replace(config, **fields)
-    _check_positive_int("checkpoint_every", checkpoint_every)
+    positive_int("checkpoint_every", checkpoint_every)
     num_train_rows = len(validation_split(key, transitions.num_transitions,
                                           config.validation_fraction)[0])
     if num_train_rows < 1:
@@ -512,6 +513,3 @@ def _jsonable(tree: dict) -> dict:
     return {k: list(v) if isinstance(v, tuple) else v for k, v in tree.items()}
 
 
-def _check_positive_int(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"{name}: must be a positive integer; got {value!r}")

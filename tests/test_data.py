@@ -414,3 +414,15 @@ def test_atomic_write_gives_the_umask_permissions(tmp_path):
         os.umask(old)
     assert stat.S_IMODE(os.stat(tmp_path / "a.bin").st_mode) == 0o640
     assert stat.S_IMODE(os.stat(tmp_path / "b.txt").st_mode) == 0o664
+
+
+def test_msgpack_files_round_trip_and_foreign_files_are_named(tmp_path):
+    path = tmp_path / "thing.msgpack"
+    data.save_msgpack(path, {"format": "kind-a", "weights": np.arange(3.0)})
+    loaded = data.load_msgpack(path, "kind-a", "a kind-a file")
+    np.testing.assert_array_equal(loaded["weights"], np.arange(3.0))
+    with pytest.raises(ValueError, match="thing.msgpack: not a kind-b file"):
+        data.load_msgpack(path, "kind-b", "a kind-b file")
+    (tmp_path / "notes.txt").write_text("not msgpack at all")
+    with pytest.raises(ValueError, match="notes.txt: not a kind-a file"):
+        data.load_msgpack(tmp_path / "notes.txt", "kind-a", "a kind-a file")
