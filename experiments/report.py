@@ -11,7 +11,10 @@ silently.
     report.write_report(results, "runs/cartpole/pure/report.md")
 
 `write_report` links only the figures (results["figures"], file names) that
-exist beside the report, and writes the file atomically.
+exist beside the report, and writes the file atomically. The reproduction
+record (`experiments.reproduce`) builds its tables from the same public
+helpers (`method_row`, `mean_or_none`, `fixed_digits`, `markdown_table`,
+`prediction_section`, `reward_section`, ...).
 """
 
 from __future__ import annotations
@@ -28,17 +31,19 @@ DATASET_NAMES = {"pure": "Pure", "random": "Random", "pure_eps20": "Pure-ε-20",
 DASH = "–"
 
 
-def _is_number(x) -> bool:
+def is_number(x) -> bool:
+    """A finite int or float (not a bool, None or NaN)."""
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
-def _fixed(x, digits: int) -> str:
-    return f"{x:.{digits}f}" if _is_number(x) else DASH
+def fixed_digits(x, digits: int) -> str:
+    """`x` with `digits` decimals, or a dash when it is not a finite number."""
+    return f"{x:.{digits}f}" if is_number(x) else DASH
 
 
 def _printed(x) -> str:
     """A paper value as transcribed (no padding: 194.2, 3.23, 7459)."""
-    return f"{x:.6g}" if _is_number(x) else DASH
+    return f"{x:.6g}" if is_number(x) else DASH
 
 
 def _at(values, i):
@@ -47,18 +52,21 @@ def _at(values, i):
     return values[i]
 
 
-def _mean(values) -> float | None:
-    finite = [v for v in (values or []) if _is_number(v)]
+def mean_or_none(values) -> float | None:
+    """The mean of the finite numbers of `values`; None when there are none."""
+    finite = [v for v in (values or []) if is_number(v)]
     return sum(finite) / len(finite) if finite else None
 
 
-def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """A Markdown table of string cells."""
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     return "\n".join(lines)
 
 
-def _agent_labels(results: dict, count: int) -> list[str]:
+def agent_labels(results: dict, count: int) -> list[str]:
+    """Column labels of the first `count` test agents ("g=0.0001", ...)."""
     agents = results.get("test_agents") or []
     names = results.get("covariate_names") or []
     labels = []
@@ -73,7 +81,8 @@ def _agent_labels(results: dict, count: int) -> list[str]:
     return labels
 
 
-def _num_agents(results: dict) -> int:
+def agent_count(results: dict) -> int:
+    """How many test agents the results' tables have (5 when none says)."""
     counts = [len(results.get("test_agents") or [])]
     for section, keys in (("prediction", ("rmse",)), ("dataset_stats", ("test_agent_return",))):
         for key in keys:
@@ -83,7 +92,8 @@ def _num_agents(results: dict) -> int:
     return max(counts) or 5
 
 
-def _pretty_dataset(dataset: str) -> str:
+def dataset_label(dataset: str) -> str:
+    """How reports write a dataset's name ("Pure-ε-20", or the user's file)."""
     return DATASET_NAMES.get(dataset, f"`{dataset}` (own data)")
 
 
@@ -92,10 +102,10 @@ def _stats_section(results: dict, rows_paper: dict) -> str:
     lines = ["## Logged data (paper Table 8)", ""]
     if not ours and not theirs:
         return "\n".join(lines + ["Skipped: no dataset statistics for this data.", ""])
-    n = _num_agents(results)
-    header = ["", *_agent_labels(results, n), "mean return (all agents)", "mean length"]
+    n = agent_count(results)
+    header = ["", *agent_labels(results, n), "mean return (all agents)", "mean length"]
     rows = []
-    for label, stats, fmt in (("ours", ours, lambda x: _fixed(x, 1)), ("paper", theirs, _printed)):
+    for label, stats, fmt in (("ours", ours, lambda x: fixed_digits(x, 1)), ("paper", theirs, _printed)):
         if not stats:
             rows.append([label, *([DASH] * (n + 2))])
             continue
@@ -104,28 +114,30 @@ def _stats_section(results: dict, rows_paper: dict) -> str:
                      fmt(stats.get("mean_return")), fmt(stats.get("mean_length"))])
     return "\n".join(lines + [
         "Return of each test agent's logged trajectory; means over the whole population.", "",
-        _table(header, rows), ""])
+        markdown_table(header, rows), ""])
 
 
-def _prediction_section(results: dict, rows_paper: dict) -> str:
+def prediction_section(results: dict, rows_paper: dict) -> str:
+    """The "Prediction error" section: RMSE (median R²) per method and test
+    agent, ours beside the paper's (`rows_paper`: `paper.paper_rows`)."""
     ours = results.get("prediction")
     lines = ["## Prediction error: RMSE (median R²)", ""]
     if not ours:
         lines += ["Skipped: prediction error was not measured in this run.", ""]
         if not rows_paper.get("prediction"):
             return "\n".join(lines)
-    n = _num_agents(results)
-    header = ["method", *_agent_labels(results, n), "mean over agents"]
+    n = agent_count(results)
+    header = ["method", *agent_labels(results, n), "mean over agents"]
 
     def row(label, method, digits=3):
         rmse, r2 = method.get("rmse") or [], method.get("r2_median") or []
-        cells = [f"{_fixed(_at(rmse, i), digits)} ({_fixed(_at(r2, i), digits)})"
+        cells = [f"{fixed_digits(_at(rmse, i), digits)} ({fixed_digits(_at(r2, i), digits)})"
                  for i in range(n)]
-        return [label, *cells, f"{_fixed(_mean(rmse), digits)} ({_fixed(_mean(r2), digits)})"]
+        return [label, *cells, f"{fixed_digits(mean_or_none(rmse), digits)} ({fixed_digits(mean_or_none(r2), digits)})"]
 
     rows = []
     for key, name in paper.METHOD_NAMES.items():
-        mine = ours if key == "persim" else _ours(results, key, "prediction")
+        mine = ours if key == "persim" else method_row(results, key, "prediction")
         if mine:
             rows.append(row(f"**{name} (ours)**" if key == "persim" else f"{name} (ours)", mine))
         if key in rows_paper.get("prediction", {}):
@@ -133,25 +145,27 @@ def _prediction_section(results: dict, rows_paper: dict) -> str:
     if ours:
         lines.insert(2, f"Horizon {ours.get('horizon', '?')} steps, "
                         f"{ours.get('trials', '?')} trial(s).\n")
-    return "\n".join(lines + [_table(header, rows), ""])
+    return "\n".join(lines + [markdown_table(header, rows), ""])
 
 
-def _reward_section(results: dict, rows_paper: dict) -> str:
+def reward_section(results: dict, rows_paper: dict) -> str:
+    """The "Average reward" section: mean ± std per method and test agent,
+    ours beside the paper's."""
     ours = results.get("reward")
     lines = ["## Average reward: mean ± std", ""]
     if not ours:
         lines += ["Skipped: rewards were not measured in this run.", ""]
         if not rows_paper.get("reward") and not rows_paper.get("true_env_mpc"):
             return "\n".join(lines)
-    n = _num_agents(results)
-    header = ["method", *_agent_labels(results, n), "mean over agents"]
+    n = agent_count(results)
+    header = ["method", *agent_labels(results, n), "mean over agents"]
 
     def row(label, method, fmt):
         means, stds = method.get("mean") or [], method.get("std") or []
         cells = [f"{fmt(_at(means, i))} ± {fmt(_at(stds, i))}" for i in range(n)]
-        return [label, *cells, _fixed(_mean(means), 1)]
+        return [label, *cells, fixed_digits(mean_or_none(means), 1)]
 
-    ours_fmt = lambda x: _fixed(x, 1)  # noqa: E731
+    ours_fmt = lambda x: fixed_digits(x, 1)  # noqa: E731
     if ours:
         spread = (f" PerSim's ± is over {ours['std_over']}, as every trained method's; "
                   f"True env + MPC's over episodes." if ours.get("std_over") else "")
@@ -161,17 +175,17 @@ def _reward_section(results: dict, rows_paper: dict) -> str:
                     "true_env_mpc": rows_paper.get("true_env_mpc")}
     rows = []
     for key, name in paper.METHOD_NAMES.items():
-        mine = (ours or {}).get(key) if key in ("persim", "true_env_mpc") else _ours(
+        mine = (ours or {}).get(key) if key in ("persim", "true_env_mpc") else method_row(
             results, key, "reward")
         if mine:
             rows.append(row(f"**{name} (ours)**" if key == "persim" else f"{name} (ours)", mine,
                             ours_fmt))
         if paper_reward.get(key):
             rows.append(row(f"{name} (paper)", paper_reward[key], _printed))
-    return "\n".join(lines + [_table(header, rows), ""])
+    return "\n".join(lines + [markdown_table(header, rows), ""])
 
 
-def _ours(results: dict, method: str, section: str) -> dict | None:
+def method_row(results: dict, method: str, section: str) -> dict | None:
     """Our `section` ("prediction" or "reward") row of `method`, if it ran."""
     return ((results.get("methods") or {}).get(method) or {}).get(section)
 
@@ -183,20 +197,20 @@ def _validation_section(results: dict) -> str:
     if "per_agent" in validation:
         return _personalisation_section(results)
     lines = ["## Validation", ""]
-    per_agent = [v for v in validation.get("per_agent_rmse") or [] if _is_number(v)]
+    per_agent = [v for v in validation.get("per_agent_rmse") or [] if is_number(v)]
     if per_agent:
         ordered = sorted(per_agent)
         median = ordered[len(ordered) // 2] if len(ordered) % 2 else (
             ordered[len(ordered) // 2 - 1] + ordered[len(ordered) // 2]) / 2
         lines += ["One-step prediction RMSE (raw units) per agent on the held-out "
                   f"transitions, over {len(per_agent)} agents:", "",
-                  _table(["mean", "median", "min", "max"],
-                         [[_fixed(_mean(per_agent), 4), _fixed(median, 4),
-                           _fixed(ordered[0], 4), _fixed(ordered[-1], 4)]]), ""]
+                  markdown_table(["mean", "median", "min", "max"],
+                         [[fixed_digits(mean_or_none(per_agent), 4), fixed_digits(median, 4),
+                           fixed_digits(ordered[0], 4), fixed_digits(ordered[-1], 4)]]), ""]
     for key, value in validation.items():
         if key == "per_agent_rmse":
             continue
-        if _is_number(value):
+        if is_number(value):
             lines.append(f"- {key}: {value:.4g}")
         elif isinstance(value, str):
             lines.append(f"- {key}: {value}")
@@ -223,9 +237,9 @@ def _personalisation_section(results: dict) -> str:
     summary = v.get("summary") or {}
     lines += ["Mean over agents of each agent's error relative to the dimensions' spread "
               "(lower is better):", "",
-              _table(["model", "one-step", f"{k}-step open loop"],
-                     [[MODEL_LABELS[m], _fixed((summary.get(m) or {}).get("one_step"), 4),
-                       _fixed((summary.get(m) or {}).get("open_loop"), 4)]
+              markdown_table(["model", "one-step", f"{k}-step open loop"],
+                     [[MODEL_LABELS[m], fixed_digits((summary.get(m) or {}).get("one_step"), 4),
+                       fixed_digits((summary.get(m) or {}).get("open_loop"), 4)]
                       for m in MODEL_LABELS]), ""]
     lines += _per_dimension_table(v, k) + _per_agent_table(v, k)
     return "\n".join(lines)
@@ -243,11 +257,11 @@ def _per_dimension_table(v: dict, k) -> list[str]:
             for model in MODEL_LABELS:
                 errors = (per_dimension.get(model) or {}).get(horizon) or {}
                 raw, relative = _at(errors.get("rmse"), d), _at(errors.get("relative"), d)
-                cells.append(f"{_printed(raw)} ({_fixed(relative, 3)})")
+                cells.append(f"{_printed(raw)} ({fixed_digits(relative, 3)})")
         rows.append(cells)
     return ["Per state dimension, over every agent's held-out steps: RMSE in the dimension's "
             "units (relative to its spread, the standard deviation over the training "
-            "transitions):", "", _table(header, rows), ""]
+            "transitions):", "", markdown_table(header, rows), ""]
 
 
 def _per_agent_table(v: dict, k) -> list[str]:
@@ -268,14 +282,14 @@ def _per_agent_table(v: dict, k) -> list[str]:
     def change(agent, horizon):
         persim, population = relative(agent, "persim", horizon), relative(agent, "population",
                                                                           horizon)
-        if not (_is_number(persim) and _is_number(population)) or population == 0:
+        if not (is_number(persim) and is_number(population)) or population == 0:
             return DASH
         return f"{100 * (persim / population - 1):+.0f} %"
 
     rows = [[f"`{agent}`", str(per_agent[agent].get("held_out_transitions", DASH)),
-             *[_fixed(relative(agent, m, "one_step"), 3) for m in MODEL_LABELS],
+             *[fixed_digits(relative(agent, m, "one_step"), 3) for m in MODEL_LABELS],
              change(agent, "one_step"),
-             *[_fixed(relative(agent, m, "open_loop"), 3) for m in MODEL_LABELS],
+             *[fixed_digits(relative(agent, m, "open_loop"), 3) for m in MODEL_LABELS],
              change(agent, "open_loop")] for agent in ids]
     header = ["agent", "held-out steps", "PerSim 1-step", "population 1-step",
               "no change 1-step", "PerSim vs population", f"PerSim {k}-step",
@@ -283,7 +297,7 @@ def _per_agent_table(v: dict, k) -> list[str]:
     return [f"Per agent, error relative to the dimensions' spread ({note}); each agent's "
             "errors per dimension, in raw units and relative, are in results.json "
             "(`validation.per_agent`, keyed by the agent's id):", "",
-            _table(header, rows), ""]
+            markdown_table(header, rows), ""]
 
 
 def _own_data_how_to_read(results: dict) -> str:
@@ -314,7 +328,7 @@ def _own_data_header(results: dict) -> str:
     dataset = str(results["dataset"])
     lines = [f"# PerSim on your data: `{os.path.basename(dataset)}` (own data)", "",
              f"dataset `{dataset}` · seed {results.get('seed', '?')} · total time "
-             f"{_fixed(total, 1) + ' s' if total is not None else DASH}", ""]
+             f"{fixed_digits(total, 1) + ' s' if total is not None else DASH}", ""]
     described = results.get("data")
     if described:
         ids = described.get("agent_ids") or []
@@ -396,16 +410,16 @@ def _timing_section(results: dict) -> str:
     timing = results.get("timing_s") or {}
     if not timing:
         return ""
-    rows = [[stage, _fixed(sec, 1)] for stage, sec in timing.items() if stage != "total"]
-    rows.append(["**total**", _fixed(_total_seconds(results), 1)])
-    return "\n".join(["## Time", "", _table(["stage", "seconds"], rows), ""])
+    rows = [[stage, fixed_digits(sec, 1)] for stage, sec in timing.items() if stage != "total"]
+    rows.append(["**total**", fixed_digits(_total_seconds(results), 1)])
+    return "\n".join(["## Time", "", markdown_table(["stage", "seconds"], rows), ""])
 
 
 def _total_seconds(results: dict) -> float | None:
     timing = results.get("timing_s") or {}
-    if _is_number(timing.get("total")):
+    if is_number(timing.get("total")):
         return timing["total"]
-    values = [v for v in timing.values() if _is_number(v)]
+    values = [v for v in timing.values() if is_number(v)]
     return sum(values) if values else None
 
 
@@ -461,11 +475,11 @@ def render_report(results: dict, figure_dir: str | None = None) -> str:
 
     header = [
         f"# PerSim on {paper.display_name(env) if env else 'own environment'} / "
-        f"{_pretty_dataset(dataset)}",
+        f"{dataset_label(dataset)}",
         "",
         f"env `{env or 'none (own data)'}` · dataset `{dataset}` · preset `{results.get('preset', '?')}` · "
         f"seed {results.get('seed', '?')} · total time "
-        f"{_fixed(total, 1) + ' s' if total is not None else DASH}",
+        f"{fixed_digits(total, 1) + ' s' if total is not None else DASH}",
         "",
     ]
     settings = _settings_line(results.get("config") or {})
@@ -475,8 +489,8 @@ def render_report(results: dict, figure_dir: str | None = None) -> str:
     parts = [
         "\n".join(header),
         _stats_section(results, rows_paper),
-        _prediction_section(results, rows_paper),
-        _reward_section(results, rows_paper),
+        prediction_section(results, rows_paper),
+        reward_section(results, rows_paper),
         _validation_section(results),
         _how_to_read(results, has_paper),
         _figures_section(results, figure_dir),

@@ -136,8 +136,8 @@ def run_cell(env: str, dataset: str, preset: str, methods: list[str], out_dir: s
 
 
 def _mean_of(results: dict, method: str, section: str, field: str) -> float | None:
-    row = report._ours(results, method, section)
-    return report._mean((row or {}).get(field))
+    row = report.method_row(results, method, section)
+    return report.mean_or_none((row or {}).get(field))
 
 
 def _compare(method: str, other: str, section: str, better: str) -> Callable[[dict], bool | None]:
@@ -188,10 +188,10 @@ def departures(results: dict) -> list[str]:
     more than 2× off the paper's (both above its 0.001 rounding)."""
     rows_paper = paper.paper_rows(results["env"], results["dataset"])
     paper_reward = {**rows_paper["reward"], "true_env_mpc": rows_paper["true_env_mpc"]}
-    labels = report._agent_labels(results, report._num_agents(results))
+    labels = report.agent_labels(results, report.agent_count(results))
     lines = []
     for method, name in paper.METHOD_NAMES.items():
-        ours = report._ours(results, method, "reward")
+        ours = report.method_row(results, method, "reward")
         theirs = paper_reward.get(method)
         if ours and theirs:
             off = [f"({labels[i]}) {m:.1f} vs {pm:g} ± {ps:g}" for i, (m, s, pm, ps) in
@@ -199,7 +199,7 @@ def departures(results: dict) -> list[str]:
                    if None not in (m, s, pm, ps) and abs(m - pm) > s + ps]
             if off:
                 lines.append(f"{name}, reward ours vs paper: {'; '.join(off)}")
-        ours = report._ours(results, method, "prediction")
+        ours = report.method_row(results, method, "prediction")
         theirs = rows_paper["prediction"].get(method)
         if ours and theirs:
             off = [f"({labels[i]}) {m:.3g} vs {pm:g}" for i, (m, pm) in
@@ -223,7 +223,7 @@ def _mark(value: bool | None) -> str:
 
 
 def _cell_name(results: dict) -> str:
-    return f"{paper.display_name(results['env'])} / {report._pretty_dataset(results['dataset'])}"
+    return f"{paper.display_name(results['env'])} / {report.dataset_label(results['dataset'])}"
 
 
 def render(record_dir: str, preset: str) -> str:
@@ -242,19 +242,19 @@ def render(record_dir: str, preset: str) -> str:
     rows = []
     for results in cells:
         rows_paper = paper.paper_rows(results["env"], results["dataset"])
-        ours_true = report._ours(results, "true_env_mpc", "reward")
+        ours_true = report.method_row(results, "true_env_mpc", "reward")
         timing = results.get("timing_s") or {}
-        seconds = sum(v for k, v in timing.items() if k != "total" and report._is_number(v))
+        seconds = sum(v for k, v in timing.items() if k != "total" and report.is_number(v))
         rows.append([
             f"[{_cell_name(results)}]({results['env']}/{results['dataset']}/report.md)",
-            report._fixed(_mean_of(results, "persim", "prediction", "rmse"), 3),
-            report._fixed(report._mean((rows_paper["prediction"].get("persim") or {}).get("rmse")), 3),
-            report._fixed(_mean_of(results, "persim", "reward", "mean"), 1),
-            report._fixed(report._mean((rows_paper["reward"].get("persim") or {}).get("mean")), 1),
-            report._fixed(report._mean((ours_true or {}).get("mean")), 1),
-            report._fixed(report._mean((rows_paper["true_env_mpc"] or {}).get("mean")), 1),
-            str(len(results.get("methods") or {})), report._fixed(seconds, 0)])
-    lines += ["## Headline: means over the 5 test agents", "", report._table(header, rows), ""]
+            report.fixed_digits(_mean_of(results, "persim", "prediction", "rmse"), 3),
+            report.fixed_digits(report.mean_or_none((rows_paper["prediction"].get("persim") or {}).get("rmse")), 3),
+            report.fixed_digits(_mean_of(results, "persim", "reward", "mean"), 1),
+            report.fixed_digits(report.mean_or_none((rows_paper["reward"].get("persim") or {}).get("mean")), 1),
+            report.fixed_digits(report.mean_or_none((ours_true or {}).get("mean")), 1),
+            report.fixed_digits(report.mean_or_none((rows_paper["true_env_mpc"] or {}).get("mean")), 1),
+            str(len(results.get("methods") or {})), report.fixed_digits(seconds, 0)])
+    lines += ["## Headline: means over the 5 test agents", "", report.markdown_table(header, rows), ""]
 
     lines += ["## The paper's claims on our numbers", "",
               "Means over the test agents (RMSE lower is better, reward higher); – where a "
@@ -267,7 +267,7 @@ def render(record_dir: str, preset: str) -> str:
         held += sum(known)
         checked += len(known)
         rows.append([claim, *map(_mark, values), f"{sum(known)} / {len(known)}"])
-    lines += [report._table(header, rows), "", f"In all: {held} of {checked} checks hold.", ""]
+    lines += [report.markdown_table(header, rows), "", f"In all: {held} of {checked} checks hold.", ""]
 
     lines += ["## Where we depart from the paper", "",
               "Test agents whose reward is further from the paper's than both spreads together, "
@@ -281,8 +281,8 @@ def render(record_dir: str, preset: str) -> str:
     for results in cells:
         rows_paper = paper.paper_rows(results["env"], results["dataset"])
         lines += [f"## {_cell_name(results)}", ""]
-        for section in (report._prediction_section(results, rows_paper),
-                        report._reward_section(results, rows_paper)):
+        for section in (report.prediction_section(results, rows_paper),
+                        report.reward_section(results, rows_paper)):
             lines.append(section.replace("## ", "### ", 1))
     return "\n".join(lines).rstrip() + "\n"
 
