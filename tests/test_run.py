@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 import envs
-from experiments import run
+from experiments import paper, run
 from persim_jax import data, planning
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -235,6 +235,8 @@ def test_planner_setting_picks_the_paper_planner_or_icem():
     quick = run.resolve_settings("halfcheetah", "random", "quick").planner_config(cheetah)
     assert (quick.num_samples, quick.horizon) == (46, 10)
     assert quick.sequences_per_plan() <= 150
+    with pytest.raises(ValueError, match="fraction"):
+        paper.icem_config(cheetah, 0.0)
     with pytest.raises(run.UserError, match="discrete actions"):
         run.resolve_settings("cartpole", "pure", "quick",
                              dict(planner="icem")).planner_config(cartpole)
