@@ -126,7 +126,7 @@ def test_halfcheetah_end_to_end(tmp_path):
                                out_dir=out_dir, data_dir=data_dir, skip=("plots",))
     stored = check_results(results, out_dir, "halfcheetah", "random", figures=False)
     assert stored["reward"]["true_env_mpc"] is None
-    assert stored["config"]["planner"]["kind"] == "ICEMConfig"   # the quick preset's
+    assert stored["config"]["planner"]["kind"] == "CEMConfig"
 
 
 def test_user_data_trains_and_reports_validation(tmp_path):
@@ -231,10 +231,13 @@ def test_planner_setting_picks_the_paper_planner_or_icem():
                                 dict(planner="icem")).planner_config(cheetah)
     assert isinstance(icem, planning.ICEMConfig) and icem.horizon == paper_cem.horizon
     assert icem.sequences_per_plan() <= 0.25 * 200 * 6 < icem.sequences_per_plan() + 5
-    # The quick preset's iCEM costs what the CEM it replaced did (50 × 3 rounds).
-    quick = run.resolve_settings("halfcheetah", "random", "quick").planner_config(cheetah)
-    assert (quick.num_samples, quick.horizon) == (46, 10)
+    # iCEM at the quick CEM's cost (50 samples × 3 rounds, horizon 10).
+    quick = run.resolve_settings("halfcheetah", "random", "quick",
+                                 dict(planner="icem", candidates=46)).planner_config(cheetah)
+    assert isinstance(quick, planning.ICEMConfig) and (quick.num_samples, quick.horizon) == (46, 10)
     assert quick.sequences_per_plan() <= 150
+    assert isinstance(run.resolve_settings("halfcheetah", "random", "quick").planner_config(cheetah),
+                      planning.CEMConfig)
     with pytest.raises(ValueError, match="fraction"):
         paper.icem_config(cheetah, 0.0)
     with pytest.raises(run.UserError, match="discrete actions"):
