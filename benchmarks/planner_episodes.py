@@ -24,6 +24,7 @@ planner, so every planner meets the same initial state of the agent.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -60,7 +61,9 @@ def make_planner(name: str, env):
       cem_SxHxR     CEM with S samples, horizon H, R rounds in all, S/5 elites
                     (the quick preset's former planner: cem_50x10x3);
       icem_F        iCEM at the fraction F of the paper CEM's sequences per plan;
-      icem_F_hH     the same with horizon H (the quick preset's: icem_0.125_h10).
+      icem_F_hH     the same with horizon H (at the quick CEM's cost: icem_0.125_h10);
+      ..._mean      (suffix of an icem entry) play the final mean, as CEM does,
+                    instead of the best sequence.
     """
     cem = paper.planner_config(env)
     paper_sequences = cem.num_samples * (cem.num_rounds + 1)
@@ -74,14 +77,17 @@ def make_planner(name: str, env):
                                           num_rounds=rounds - 1,
                                           num_elites=max(2, samples // 5))
         elif kind == "icem":
+            execute = "mean" if rest.endswith("_mean") else "best"
+            rest = rest.removesuffix("_mean")
             fraction, _, horizon = rest.partition("_h")
             overrides = {"horizon": int(horizon)} if horizon else {}
-            config = paper.icem_config(env, float(fraction), **overrides)
+            config = dataclasses.replace(paper.icem_config(env, float(fraction), **overrides),
+                                         execute=execute)
         else:
             raise ValueError("unknown kind")
     except ValueError as error:
-        raise app.UsageError(f"--planners: {name!r}: {error} (cem_paper, cem_SxHxR, icem_F "
-                             "or icem_F_hH)") from None
+        raise app.UsageError(f"--planners: {name!r}: {error} (cem_paper, cem_SxHxR, icem_F, "
+                             "icem_F_hH, each icem one with an optional _mean)") from None
     planner = planning.make_planner(config, env)
     return planner, round(sequences_per_plan(planner) / paper_sequences, 4)
 

@@ -230,7 +230,8 @@ class ICEMConfig:
     the next round (and, shifted by one step, to the next plan's first round);
     the last round also scores μ itself. μ and σ move towards the elites'
     mean and std with `momentum`; the plan plays the first action of the best
-    sequence seen in any round.
+    sequence seen in any round (`execute="best"`, Pinneri et al.) or of the
+    final μ (`execute="mean"`, as CEM plays its elite mean).
 
     Attributes:
       action_dim: A.
@@ -243,6 +244,7 @@ class ICEMConfig:
       keep_elites: fraction of the elites carried over (ξ).
       momentum: μ ← momentum · μ + (1 − momentum) · elite mean, σ likewise.
       init_std: σ at the start of every plan.
+      execute: "best" (the best sequence scored) or "mean" (the final μ).
       action_low, action_high: the action box.
       min_std: floor of σ when sampling.
       discount, aggregation, propagation, position_bonus, position_index,
@@ -259,6 +261,7 @@ class ICEMConfig:
     keep_elites: float = 0.3
     momentum: float = 0.1
     init_std: float = 0.5
+    execute: str = "best"
     action_low: float = -1.0
     action_high: float = 1.0
     min_std: float = 1e-6
@@ -288,6 +291,8 @@ class ICEMConfig:
             raise ValueError(f"momentum: must be in [0, 1); got {self.momentum!r}")
         if not self.init_std > 0.0:
             raise ValueError(f"init_std: must be > 0; got {self.init_std!r}")
+        if self.execute not in ("best", "mean"):
+            raise ValueError(f"execute: must be 'best' or 'mean'; got {self.execute!r}")
         if not self.action_low < self.action_high:
             raise ValueError(f"action_low, action_high: need low < high; got "
                              f"{self.action_low!r}, {self.action_high!r}")
@@ -781,7 +786,8 @@ def icem(config: ICEMConfig, reward_fn: RewardFn,
     One compiled program per plan: the rounds are unrolled (their
     populations differ in size), each round's sequences scored as CEM's
     (`score_sequences`: the min over members by default). Plays the first
-    action of the best sequence seen in any round.
+    action of the best sequence seen in any round, or of the final mean
+    (`config.execute`).
     """
     if not isinstance(config, ICEMConfig):
         raise ValueError(f"config: expected an ICEMConfig, got {type(config).__name__}")
@@ -826,8 +832,9 @@ def icem(config: ICEMConfig, reward_fn: RewardFn,
         def shift(x):
             return jnp.concatenate([x[..., 1:, :], jnp.zeros_like(x[..., :1, :])], axis=-2)
 
-        best = jnp.clip(jnp.nan_to_num(best), low, high)
-        return best, ICEMState(shift(mean), shift(carried), jnp.array(True))
+        played = best if config.execute == "best" else mean
+        played = jnp.clip(jnp.nan_to_num(played), low, high)
+        return played, ICEMState(shift(mean), shift(carried), jnp.array(True))
 
     def plan(key, state: ICEMState, obs, dynamics):
         sequence, state = plan_sequence(key, state, obs, dynamics)

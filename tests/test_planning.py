@@ -5,6 +5,7 @@ true-env dynamics against the env's own step."""
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 
 import jax
@@ -376,6 +377,8 @@ def test_icem_config_sizes_and_validation():
         planning.ICEMConfig(action_dim=1, decay=0.5)
     with pytest.raises(ValueError, match="keep_elites"):
         planning.ICEMConfig(action_dim=1, keep_elites=1.5)
+    with pytest.raises(ValueError, match="execute"):
+        planning.ICEMConfig(action_dim=1, execute="first")
 
 
 def test_icem_approaches_the_optimal_sequence_of_an_integrator():
@@ -405,11 +408,21 @@ def test_icem_approaches_the_optimal_sequence_of_an_integrator():
 def test_icem_keeps_the_best_sequence_and_stays_in_the_box():
     config = planning.ICEMConfig(action_dim=2, horizon=5, num_samples=32, num_elites=4,
                                  action_low=-0.3, action_high=0.7)
+    def planner_reward(obs, action, next_obs):
+        return jnp.sum(action, axis=-1)
+
     planner = planning.make_planner(config, type("Env", (), {
-        "reward": staticmethod(lambda o, a, n: jnp.sum(a, axis=-1)),
+        "reward": staticmethod(planner_reward),
         "terminated": staticmethod(lambda n: jnp.zeros(n.shape[:-1], bool))})())
     dynamics = integrator(lambda a: a[..., 0])
     sequence = jax.jit(planner.sequence, static_argnums=3)
     best, _ = sequence(jax.random.PRNGKey(1), planner.init(), jnp.array([0.0]), dynamics)
     assert np.all(np.asarray(best) <= 0.7) and np.all(np.asarray(best) >= -0.3)
     assert float(np.mean(np.asarray(best))) > 0.5         # the optimum: 0.7 everywhere
+    # execute="mean" plays the final mean: the state's mean before its shift.
+    mean_planner = planning.icem(dataclasses.replace(config, execute="mean"), planner_reward,
+                                 None)
+    played, state = jax.jit(mean_planner.sequence, static_argnums=3)(
+        jax.random.PRNGKey(1), mean_planner.init(), jnp.array([0.0]), dynamics)
+    np.testing.assert_allclose(np.asarray(played[1:]), np.asarray(state.mean[:-1]))
+    assert np.all(np.asarray(played) <= 0.7) and float(np.mean(np.asarray(played))) > 0.3
