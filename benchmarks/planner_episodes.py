@@ -3,7 +3,7 @@ agents in the true environment, planning on the learned simulator.
 
     python -m benchmarks.planner_episodes [--env=halfcheetah] [--simulator=PATH]
         [--planners=icem_0.25,cem_paper] [--agents=0,1,2,3,4] [--max_steps=N]
-        [--out=benchmarks/results/planner_episodes.jsonl]
+        [--out=benchmarks/results/planner_episodes.jsonl] [--seed=0] [--table]
 
 The simulator is `--simulator` (a `simulator_trial*.msgpack`), default the
 quick run's, trained first when missing, as in `benchmarks.planner_quality`. A planner is `cem_paper` (the
@@ -18,7 +18,8 @@ plan), `agent`, `covariates`, `episode_return`, `steps`, `seconds`,
 seed) are skipped, so an interrupted run resumes where it stopped: one paper-
 CEM HalfCheetah episode is ~30 min on 2 CPU cores.
 
-Episode keys: agent a plays with `fold_in(PRNGKey(seed), a)` whatever the
+`--table` prints the recorded rows as a Markdown table (one row per planner
+and seed, a column per agent). Episode keys: agent a plays with `fold_in(PRNGKey(seed), a)` whatever the
 planner, so every planner meets the same initial state of the agent.
 """
 
@@ -51,10 +52,13 @@ _MAX_STEPS = flags.DEFINE_integer("max_steps", None, "Steps per episode (default
 _OUT = flags.DEFINE_string("out", os.path.join("benchmarks", "results", "planner_episodes.jsonl"),
                            "JSON lines, appended; finished pairs are skipped.")
 _SEED = flags.DEFINE_integer("seed", 0, "Episode keys.")
+_TABLE = flags.DEFINE_bool("table", False,
+                           "Print the recorded rows of --out as a Markdown table; run nothing.")
 
 
 def make_planner(name: str, env):
-    """(planner, budget fraction: its sequences per plan over the paper CEM's)
+    """(planner, budget fraction: its model evaluations per plan over the paper
+    CEM's, i.e. sequences × horizon)
     of a `--planners` entry:
 
       cem_paper     the paper's CEM (200 samples, horizon 30, 6 rounds, 50 elites);
@@ -89,7 +93,8 @@ def make_planner(name: str, env):
         raise app.UsageError(f"--planners: {name!r}: {error} (cem_paper, cem_SxHxR, icem_F, "
                              "icem_F_hH, each icem one with an optional _mean)") from None
     planner = planning.make_planner(config, env)
-    return planner, round(sequences_per_plan(planner) / paper_sequences, 4)
+    evaluations = sequences_per_plan(planner) * config.horizon
+    return planner, round(evaluations / (paper_sequences * cem.horizon), 4)
 
 
 def sequences_per_plan(planner) -> int:
@@ -121,9 +126,38 @@ def append_line(path: str, row: dict) -> None:
         handle.write(old + json.dumps(row) + "\n")
 
 
+def table(path: str, env) -> str:
+    """Markdown: one row per (planner, seed), the return of each agent and
+    the mean over the agents recorded, with the mean seconds per step."""
+    rows: dict[tuple[str, int], dict] = {}
+    with open(path, encoding="utf-8") as handle:
+        for line in handle:
+            row = json.loads(line)
+            entry = rows.setdefault((row["planner"], row["seed"]), {
+                "returns": {}, "seconds": [], "evaluations": row["model_evaluations"],
+                "fraction": make_planner(row["planner"], env)[1]})
+            entry["returns"][row["agent"]] = row["episode_return"]
+            entry["seconds"].append(row["seconds_per_step"])
+    agents = sorted({a for entry in rows.values() for a in entry["returns"]})
+    lines = ["| planner | seed | model evaluations per plan (fraction of the paper CEM's) | "
+             + " | ".join(f"agent {a}" for a in agents) + " | mean | s / step |",
+             "|---|---:|---:|" + "---:|" * (len(agents) + 2)]
+    for (name, seed), entry in rows.items():
+        returns = entry["returns"]
+        cells = [f"{returns[a]:.1f}" if a in returns else "–" for a in agents]
+        mean = f"{np.mean(list(returns.values())):.1f}" + (
+            "" if len(returns) == len(agents) else f" ({len(returns)} agents)")
+        lines.append(f"| {name} | {seed} | {entry['evaluations']:,} ({entry['fraction']:g}) | "
+                     + " | ".join(cells) + f" | {mean} | {np.mean(entry['seconds']):.3f} |")
+    return "\n".join(lines)
+
+
 def main(argv):
     del argv
     env = envs.make(_ENV.value)
+    if _TABLE.value:
+        print(table(_OUT.value, env))
+        return
     if env.discrete_actions:
         raise app.UsageError(f"--env: {_ENV.value} has discrete actions; iCEM and CEM plan "
                              "continuous ones")
