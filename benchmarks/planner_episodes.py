@@ -66,7 +66,8 @@ def make_planner(name: str, env):
                     (the quick preset's former planner: cem_50x10x3);
       icem_F        iCEM at the fraction F of the paper CEM's sequences per plan;
       icem_F_hH     the same with horizon H (at the quick CEM's cost: icem_0.125_h10);
-      ..._mean      (suffix of an icem entry) play the final mean, as CEM does,
+      ..._bB        (an icem entry's option) coloured noise of exponent B;
+      ..._mean      (an icem entry's option) play the final mean, as CEM does,
                     instead of the best sequence.
     """
     cem = paper.planner_config(env)
@@ -81,17 +82,24 @@ def make_planner(name: str, env):
                                           num_rounds=rounds - 1,
                                           num_elites=max(2, samples // 5))
         elif kind == "icem":
-            execute = "mean" if rest.endswith("_mean") else "best"
-            rest = rest.removesuffix("_mean")
-            fraction, _, horizon = rest.partition("_h")
-            overrides = {"horizon": int(horizon)} if horizon else {}
+            fraction, *options = rest.split("_")
+            overrides, fields = {}, {}
+            for option in options:
+                if option == "mean":
+                    fields["execute"] = "mean"
+                elif option.startswith("h"):
+                    overrides["horizon"] = int(option[1:])
+                elif option.startswith("b"):
+                    fields["beta"] = float(option[1:])
+                else:
+                    raise ValueError(f"unknown option {option!r}")
             config = dataclasses.replace(paper.icem_config(env, float(fraction), **overrides),
-                                         execute=execute)
+                                         **fields)
         else:
             raise ValueError("unknown kind")
     except ValueError as error:
         raise app.UsageError(f"--planners: {name!r}: {error} (cem_paper, cem_SxHxR, icem_F, "
-                             "icem_F_hH, each icem one with an optional _mean)") from None
+                             "icem_F_hH, icem options _bB and _mean)") from None
     planner = planning.make_planner(config, env)
     evaluations = sequences_per_plan(planner) * config.horizon
     return planner, round(evaluations / (paper_sequences * cem.horizon), 4)
