@@ -165,7 +165,8 @@ def planner_config(env, **overrides):
 # shrinking by 1.25 per round, 10 elites of which 30 % are carried over,
 # coloured noise of exponent β: 2.5 by default, 0.25 for HalfCheetah (the iCEM
 # authors' own setting for HalfCheetah running; a running gait alternates
-# faster than red noise does; in our end-to-end episodes β = 2.5 earned less). Its quality per model evaluation against the paper's CEM:
+# faster than red noise does; in our end-to-end episodes β = 2.5 earned
+# less). Its quality per model evaluation against the paper's CEM:
 # `benchmarks.planner_quality`, `benchmarks.planner_episodes`
 # (benchmarks/RESULTS.md).
 ICEM = dict(num_rounds=3, decay=1.25, num_elites=10, keep_elites=0.3, beta=2.5)
