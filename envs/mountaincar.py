@@ -6,7 +6,6 @@ steps, and rewards -1 per step and 0 on the step that reaches the goal.
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 from gymnax.environments.classic_control import mountain_car
 
