@@ -2,6 +2,7 @@
 
     python -m experiments.reproduce --preset=quick [--envs=cartpole,mountaincar]
         [--datasets=pure,random] [--methods=all] [--report_only]
+    python -m experiments.reproduce --preset=quick --envs=cartpole --datasets=random --verify
 
 Each cell (env × dataset) runs as `python -m experiments.run --env=E
 --dataset=D --preset=P --methods=M --out_dir=<out_dir>/<preset>` in a process
@@ -19,6 +20,11 @@ cell its `results.json` and `report.md` are copied to the record,
   * where a cell departs from the paper (ours outside the paper's spread), and
     the cause measured so far (`KNOWN_CAUSES`);
   * each cell's prediction and reward tables (the per-cell report's).
+
+`--verify` re-runs recorded cells from nothing (a fresh dataset cache and run
+folder under `--verify_dir`, a temporary folder by default) and compares every
+number of the new `results.json` with the recorded one, timings aside; the
+outcome is kept beside the cell as `rerun.json` and shown in REPORT.md.
 """
 
 from __future__ import annotations
@@ -26,8 +32,10 @@ from __future__ import annotations
 import datetime
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from typing import Callable
 
 from absl import app, flags
@@ -79,6 +87,10 @@ def define_flags() -> None:
     flags.DEFINE_string("data_dir", "data", "Dataset cache.")
     flags.DEFINE_string("record_dir", RECORD_DIR, "The record: <record_dir>/<preset>/.")
     flags.DEFINE_bool("report_only", False, "Rewrite REPORT.md from the record; run nothing.")
+    flags.DEFINE_bool("verify", False, "Re-run the recorded cells from nothing and compare "
+                      "their numbers with the record (writes rerun.json beside each).")
+    flags.DEFINE_string("verify_dir", None, "Scratch folder of --verify (kept, so an "
+                        "interrupted check resumes); default: a temporary one, removed after.")
 
 
 # ---------------------------------------------------------------------------
@@ -129,6 +141,66 @@ def run_cell(env: str, dataset: str, preset: str, methods: list[str], out_dir: s
         with atomic_write(os.path.join(target, name)) as handle:
             handle.write(payload)
     return 0
+
+
+# ---------------------------------------------------------------------------
+# Re-runs
+
+# Fields that measure the machine, not the method: wall-clock seconds.
+UNCOMPARED = frozenset({"timing_s", "train_seconds", "seconds"})
+RERUN_FILE = "rerun.json"
+
+
+def differences(recorded_results, rerun, path: str = "") -> list[str]:
+    """Where two results.json trees differ (`path: recorded != rerun`), timings
+    aside; numbers must be equal, not close: the same seed on the same kind of
+    machine gives the same floats."""
+    if isinstance(recorded_results, dict) and isinstance(rerun, dict):
+        found = []
+        for key in sorted(set(recorded_results) | set(rerun), key=str):
+            if key in UNCOMPARED:
+                continue
+            where = f"{path}/{key}"
+            if key not in recorded_results or key not in rerun:
+                found.append(f"{where}: only in the {'re-run' if key in rerun else 'record'}")
+            else:
+                found += differences(recorded_results[key], rerun[key], where)
+        return found
+    if isinstance(recorded_results, list) and isinstance(rerun, list):
+        if len(recorded_results) != len(rerun):
+            return [f"{path}: {len(recorded_results)} entries != {len(rerun)}"]
+        return [line for i, (a, b) in enumerate(zip(recorded_results, rerun))
+                for line in differences(a, b, f"{path}[{i}]")]
+    return [] if recorded_results == rerun else [f"{path or '/'}: {recorded_results!r} != {rerun!r}"]
+
+
+def verify_cell(env: str, dataset: str, preset: str, scratch: str, record_dir: str) -> bool:
+    """Re-runs a recorded cell under `scratch` (its own dataset cache, run and
+    record folders) with the recorded methods and seed, compares, and writes
+    `rerun.json` beside the recorded cell. True when every number is equal."""
+    recorded_results = recorded(record_dir, preset, env, dataset)
+    if recorded_results is None:
+        print(f"[reproduce] {env} / {dataset}: not recorded, nothing to verify", flush=True)
+        return True
+    methods = sorted(recorded_results.get("methods") or {"persim": None})
+    code = run_cell(env, dataset, preset, methods, os.path.join(scratch, "runs"),
+                    os.path.join(scratch, "data"), os.path.join(scratch, "record"))
+    if code:
+        return False
+    rerun = recorded(os.path.join(scratch, "record"), preset, env, dataset)
+    found = differences(recorded_results, rerun)
+    outcome = {"date": datetime.date.today().isoformat(), "identical": not found,
+               "differences": found[:50], "differing_fields": len(found),
+               "seconds_recorded": (recorded_results.get("timing_s") or {}).get("total"),
+               "seconds_rerun": (rerun.get("timing_s") or {}).get("total"),
+               "backend": rerun.get("backend"), "devices": rerun.get("devices")}
+    with atomic_write(os.path.join(cell_dir(record_dir, preset, env, dataset), RERUN_FILE)) as handle:
+        handle.write((json.dumps(outcome, indent=1) + "\n").encode("utf-8"))
+    verdict = "every number identical" if not found else f"{len(found)} fields differ"
+    print(f"[reproduce] {env} / {dataset}: re-run from nothing, {verdict}", flush=True)
+    for line in found[:10]:
+        print(f"  {line}", flush=True)
+    return not found
 
 
 # ---------------------------------------------------------------------------
@@ -222,6 +294,18 @@ def _mark(value: bool | None) -> str:
     return {True: "yes", False: "**no**", None: report.DASH}[value]
 
 
+def _rerun_mark(record_dir: str, preset: str, results: dict) -> str:
+    path = os.path.join(cell_dir(record_dir, preset, results["env"], results["dataset"]),
+                        RERUN_FILE)
+    if not os.path.exists(path):
+        return report.DASH
+    with open(path, encoding="utf-8") as handle:
+        outcome = json.load(handle)
+    if outcome.get("identical"):
+        return f"identical ({outcome.get('date')})"
+    return f"**differs**: {outcome.get('differing_fields')} fields ({outcome.get('date')})"
+
+
 def _cell_name(results: dict) -> str:
     return f"{paper.display_name(results['env'])} / {report.dataset_label(results['dataset'])}"
 
@@ -238,7 +322,7 @@ def render(record_dir: str, preset: str) -> str:
         return "\n".join(lines + ["Nothing recorded yet.", ""])
 
     header = ["cell", "PerSim RMSE ours", "paper", "PerSim reward ours", "paper",
-              "True env + MPC ours", "paper", "methods", "stage seconds"]
+              "True env + MPC ours", "paper", "methods", "stage seconds", "re-run from nothing"]
     rows = []
     for results in cells:
         rows_paper = paper.paper_rows(results["env"], results["dataset"])
@@ -253,8 +337,12 @@ def render(record_dir: str, preset: str) -> str:
             report.fixed_digits(report.mean_or_none((rows_paper["reward"].get("persim") or {}).get("mean")), 1),
             report.fixed_digits(report.mean_or_none((ours_true or {}).get("mean")), 1),
             report.fixed_digits(report.mean_or_none((rows_paper["true_env_mpc"] or {}).get("mean")), 1),
-            str(len(results.get("methods") or {})), report.fixed_digits(seconds, 0)])
-    lines += ["## Headline: means over the 5 test agents", "", report.markdown_table(header, rows), ""]
+            str(len(results.get("methods") or {})), report.fixed_digits(seconds, 0),
+            _rerun_mark(record_dir, preset, results)])
+    lines += ["## Headline: means over the 5 test agents", "",
+              "The last column: `--verify` re-ran the cell from nothing (a new dataset, new "
+              "training) and compared every number with the record, timings aside.", "",
+              report.markdown_table(header, rows), ""]
 
     lines += ["## The paper's claims on our numbers", "",
               "Means over the test agents (RMSE lower is better, reward higher); – where a "
@@ -301,7 +389,17 @@ def main(argv):
     if unknown:
         raise app.UsageError(f"unknown env(s) / dataset(s): {', '.join(unknown)}")
     failed = []
-    if not FLAGS.report_only:
+    if FLAGS.verify:
+        scratch = FLAGS.verify_dir or tempfile.mkdtemp(prefix="persim_verify_")
+        try:
+            failed = [f"{env}/{dataset}" for env in FLAGS.envs for dataset in FLAGS.datasets
+                      if not verify_cell(env, dataset, FLAGS.preset,
+                                         os.path.join(scratch, f"{env}_{dataset}"),
+                                         FLAGS.record_dir)]
+        finally:
+            if FLAGS.verify_dir is None:
+                shutil.rmtree(scratch, ignore_errors=True)
+    elif not FLAGS.report_only:
         for env in FLAGS.envs:
             for dataset in FLAGS.datasets:
                 if is_done(recorded(FLAGS.record_dir, FLAGS.preset, env, dataset), FLAGS.preset,
@@ -314,7 +412,8 @@ def main(argv):
                 write_report(FLAGS.record_dir, FLAGS.preset)
     print(f"[reproduce] {write_report(FLAGS.record_dir, FLAGS.preset)}", flush=True)
     if failed:
-        print(f"[reproduce] failed: {', '.join(failed)}", flush=True)
+        print(f"[reproduce] {'differ or failed' if FLAGS.verify else 'failed'}: "
+              f"{', '.join(failed)}", flush=True)
         return 1
     return 0
 

@@ -5,6 +5,7 @@ REPORT.md from recorded cells."""
 from __future__ import annotations
 
 import json
+import os
 
 from experiments import reproduce
 
@@ -58,3 +59,51 @@ def test_report_from_the_record(tmp_path):
     assert "1 of 12 env × dataset cells recorded" in text
     assert "| PerSim predicts better than Vanilla CaDM | yes | 1 / 1 |" in text
     assert "## MountainCar / Random" in text and "Vanilla CaDM (paper)" in text
+
+
+def test_differences_ignore_timings_and_name_each_changed_number():
+    a = _results(0.01, -120.0, vanilla_cadm=(0.5, -300.0))
+    b = json.loads(json.dumps(a))
+    b["timing_s"]["train"] = 99.0
+    b["methods"]["persim"]["train_seconds"] = 3.0           # a timing: never compared
+    assert reproduce.differences(a, b) == []
+    b["methods"]["vanilla_cadm"]["reward"]["mean"][3] = -299.0
+    b["seed"] = 1
+    assert reproduce.differences(a, b) == [
+        "/methods/vanilla_cadm/reward/mean[3]: -300.0 != -299.0", "/seed: only in the re-run"]
+
+
+def test_verify_writes_the_outcome_beside_the_cell_and_the_report_shows_it(tmp_path, monkeypatch):
+    record = tmp_path / "record"
+    cell = record / "quick" / "mountaincar" / "random"
+    cell.mkdir(parents=True)
+    results = _results(0.01, -120.0, vanilla_cadm=(0.5, -300.0))
+    (cell / "results.json").write_text(json.dumps(results))
+    calls = []
+
+    def fake_run_cell(env, dataset, preset, methods, out_dir, data_dir, record_dir):
+        calls.append((methods, out_dir, data_dir))
+        rerun = json.loads(json.dumps(results))
+        rerun["timing_s"] = {"train": 1.0, "total": 2.0}
+        if len(calls) == 2:
+            rerun["methods"]["persim"]["reward"]["mean"][0] = -121.0
+        target = os.path.join(record_dir, preset, env, dataset)
+        os.makedirs(target, exist_ok=True)
+        with open(os.path.join(target, "results.json"), "w") as handle:
+            json.dump(rerun, handle)
+        return 0
+
+    monkeypatch.setattr(reproduce, "run_cell", fake_run_cell)
+    assert reproduce.verify_cell("mountaincar", "random", "quick", str(tmp_path / "s1"), str(record))
+    methods, out_dir, data_dir = calls[0]
+    assert methods == ["persim", "vanilla_cadm"]
+    assert out_dir.startswith(str(tmp_path / "s1")) and data_dir.startswith(str(tmp_path / "s1"))
+    outcome = json.loads((cell / "rerun.json").read_text())
+    assert outcome["identical"] and outcome["seconds_rerun"] == 2.0
+    assert "identical (" in reproduce.render(str(record), "quick")
+
+    assert not reproduce.verify_cell("mountaincar", "random", "quick", str(tmp_path / "s2"),
+                                     str(record))
+    outcome = json.loads((cell / "rerun.json").read_text())
+    assert outcome["differences"] == ["/methods/persim/reward/mean[0]: -120.0 != -121.0"]
+    assert "**differs**: 1 fields" in reproduce.render(str(record), "quick")
