@@ -7,7 +7,8 @@
 Each cell (env × dataset) runs as `python -m experiments.run --env=E
 --dataset=D --preset=P --methods=M --out_dir=<out_dir>/<preset>` in a process
 of its own, one after the other. A cell whose record already holds every
-requested method under this preset is skipped; an interrupted one resumes
+requested method under this preset's current settings is skipped (one made
+with settings the preset has since changed is re-run); an interrupted one resumes
 through the run's stage cache (a finished method is not retrained). After each
 cell its `results.json` and `report.md` are copied to the record,
 `<record_dir>/<preset>/<env>/<dataset>/`, and the record's summary
@@ -29,6 +30,7 @@ outcome is kept beside the cell as `rerun.json` and shown in REPORT.md.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import json
 import os
@@ -40,6 +42,7 @@ from typing import Callable
 
 from absl import app, flags
 
+from experiments import config as config_lib
 from experiments import paper, report
 from experiments.datagen.datasets import DATASETS
 from persim_jax.data import atomic_write
@@ -109,9 +112,29 @@ def recorded(record_dir: str, preset: str, env: str, dataset: str) -> dict | Non
         return json.load(handle)
 
 
+# results.json "config" entries the run fills in itself: the methods run, the
+# planner's full description (from `planner` and the env), the rank chosen.
+DERIVED_SETTINGS = frozenset({"methods", "planner", "rank_used"})
+
+
+def settings_changed(results: dict, preset: str) -> list[str]:
+    """The run settings a recorded cell was made with that `preset` no longer
+    has (`name: recorded -> now`), e.g. after a preset's training choice changed."""
+    try:
+        current = dataclasses.asdict(config_lib.resolve(results["env"], results["dataset"], preset))
+    except (KeyError, config_lib.UserError):
+        return []
+    recorded_config = results.get("config") or {}
+    as_json = json.loads(json.dumps(current))          # tuples as lists, as results.json
+    return [f"{name}: {recorded_config[name]!r} -> {value!r}" for name, value in as_json.items()
+            if name in recorded_config and name not in DERIVED_SETTINGS
+            and recorded_config[name] != value]
+
+
 def is_done(results: dict | None, preset: str, methods: list[str]) -> bool:
-    """The recorded cell holds every requested method under `preset`."""
-    if not results or results.get("preset") != preset:
+    """The recorded cell holds every requested method under `preset`, made
+    with the preset's current settings."""
+    if not results or results.get("preset") != preset or settings_changed(results, preset):
         return False
     have = set((results.get("methods") or {}))
     wanted = set(ALL_METHODS if "all" in methods else methods) | {"persim"}
@@ -402,10 +425,13 @@ def main(argv):
     elif not FLAGS.report_only:
         for env in FLAGS.envs:
             for dataset in FLAGS.datasets:
-                if is_done(recorded(FLAGS.record_dir, FLAGS.preset, env, dataset), FLAGS.preset,
-                           FLAGS.methods):
+                results = recorded(FLAGS.record_dir, FLAGS.preset, env, dataset)
+                if is_done(results, FLAGS.preset, FLAGS.methods):
                     print(f"[reproduce] {env} / {dataset}: recorded, skipped", flush=True)
                     continue
+                if results and (changed := settings_changed(results, FLAGS.preset)):
+                    print(f"[reproduce] {env} / {dataset}: recorded under other settings "
+                          f"({'; '.join(changed)}), re-running", flush=True)
                 if run_cell(env, dataset, FLAGS.preset, FLAGS.methods, FLAGS.out_dir,
                             FLAGS.data_dir, FLAGS.record_dir):
                     failed.append(f"{env}/{dataset}")

@@ -107,3 +107,18 @@ def test_verify_writes_the_outcome_beside_the_cell_and_the_report_shows_it(tmp_p
     outcome = json.loads((cell / "rerun.json").read_text())
     assert outcome["differences"] == ["/methods/persim/reward/mean[0]: -120.0 != -121.0"]
     assert "**differs**: 1 fields" in reproduce.render(str(record), "quick")
+
+
+def test_a_cell_recorded_under_other_settings_is_not_done():
+    from experiments import config as config_lib
+    import dataclasses
+    current = json.loads(json.dumps(dataclasses.asdict(
+        config_lib.resolve("mountaincar", "random", "quick"))))
+    results = _results(0.01, -120.0)
+    results["config"] = dict(current, methods=["persim"])
+    assert reproduce.settings_changed(results, "quick") == []
+    assert reproduce.is_done(results, "quick", ["persim"])
+    results["config"]["standardize"] = not current["standardize"]
+    assert reproduce.settings_changed(results, "quick") == [
+        f"standardize: {not current['standardize']!r} -> {current['standardize']!r}"]
+    assert not reproduce.is_done(results, "quick", ["persim"])

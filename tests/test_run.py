@@ -212,6 +212,7 @@ def test_settings_follow_the_envs_normalisation_and_schedule():
     assert cartpole.lr_halving_epochs == 50 and cartpole.batch_size == 64
     assert run.resolve_settings("cartpole", "pure", "paper").batch_size == 64
     assert run.resolve_settings("mountaincar", "pure", "paper").batch_size == 32
+    assert run.resolve_settings("mountaincar", "pure", "quick").standardize is False  # raw, as the authors
     assert run.resolve_settings("halfcheetah", "pure", "paper").batch_size == 256
     assert run.resolve_settings("halfcheetah", "random", "paper").standardize is True
     assert run.resolve_settings("mountaincar", "random", "paper").lr_halving_epochs == 150
