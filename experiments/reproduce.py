@@ -74,6 +74,18 @@ KNOWN_CAUSES = {
         "Ours predicts and plans far better than the paper's CaDM (its RMSE of 3-12 exceeds "
         "CartPole's state scale); not investigated. The learned context identifies the push "
         "force (held-out R² 1.00, `vanilla_cadm_context_probe.json`)."),
+    ("mountaincar", "pure", "persim"): (
+        "Measured: the low-gravity test agents logged 45-72 steps driving straight to the goal "
+        "(x ≥ −0.48, v ≥ 0); the test policy (trained on the default agent) swings them back to "
+        "the wall at x = −1.2 with v < 0, so only 4-16 % of the states scored lie inside the box "
+        "of their logged states, against 100 % for agents 3 and 4, whose RMSE is at the paper's "
+        "(`python -m experiments.prediction_coverage --dataset=pure`, `prediction_coverage.json`). "
+        "Training 300 epochs does not help (agent 0: 6.3, agents 1-4: 0.095, 0.12, 0.040, 0.021). "
+        "Why the paper's model extrapolates there, not found."),
+    ("mountaincar", "pure_eps20", "persim"): (
+        "As MountainCar / pure: only 4-16 % of the states the test policy visits with the "
+        "low-gravity agents lie inside the box of their logged states, 100 % for agents 3 and 4 "
+        "(`python -m experiments.prediction_coverage --dataset=pure_eps20`)."),
     ("mountaincar", "random", "persim"): (
         "The low-gravity test agents' RMSE stays near 0.009 against the paper's 0.001 whatever "
         "the training length (quick, 60 epochs: 0.0078 and 0.0064; paper preset, 300 epochs: "

@@ -122,3 +122,16 @@ def test_a_cell_recorded_under_other_settings_is_not_done():
     assert reproduce.settings_changed(results, "quick") == [
         f"standardize: {not current['standardize']!r} -> {current['standardize']!r}"]
     assert not reproduce.is_done(results, "quick", ["persim"])
+
+
+def test_prediction_coverage_counts_visited_states_inside_the_logged_box():
+    import numpy as np
+    from experiments import prediction_coverage
+
+    logged = np.array([[0.0, -1.0], [1.0, 1.0], [0.5, 0.0]])
+    visited = np.array([[0.5, 0.5], [1.5, 0.0], [0.2, -2.0], [1.0, -1.0]])
+    row = prediction_coverage.coverage(logged, visited)
+    assert row["logged_steps"] == 3
+    assert row["logged_low"] == [0.0, -1.0] and row["logged_high"] == [1.0, 1.0]
+    assert row["visited_low"] == [0.2, -2.0] and row["visited_high"] == [1.5, 0.5]
+    assert row["inside_fraction"] == 0.5          # (0.5, 0.5) and (1, -1), edges included
