@@ -135,3 +135,15 @@ def test_prediction_coverage_counts_visited_states_inside_the_logged_box():
     assert row["logged_low"] == [0.0, -1.0] and row["logged_high"] == [1.0, 1.0]
     assert row["visited_low"] == [0.2, -2.0] and row["visited_high"] == [1.5, 0.5]
     assert row["inside_fraction"] == 0.5          # (0.5, 0.5) and (1, -1), edges included
+
+
+def test_paper_cost_scales_each_stage_by_the_protocols_work():
+    from benchmarks import reproduction_cost as cost
+
+    # CartPole: trials 1 -> 5, BCQ 5e4 -> 5.5e5 iterations, 5 -> 20 episodes, PE-TS 5 -> 20 particles.
+    assert cost.scale("cartpole", "train", "bcq_a", 1e5) == 5 * 11
+    assert cost.scale("cartpole", "train", "persim", 1e5) == 5 * 300 / 200
+    assert cost.scale("cartpole", "train", "vanilla_cadm", 1e5) == 5 * 100 * 1e5 / (4 * 5e4)
+    assert cost.scale("cartpole", "reward", "pe_ts_cadm", 1e5) == 4 * 5 * 4
+    assert cost.scale("cartpole", "reward", "true_env_mpc", 1e5) == 4
+    assert cost.scale("cartpole", "prediction", "persim", 1e5) == 5 * 200 / 50
