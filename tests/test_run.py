@@ -206,6 +206,18 @@ def test_cli_rejects_nan_dataset_without_output(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_all_methods_leave_true_env_mpc_to_the_preset():
+    available = tuple(run.METHODS)
+    cheetah = run.resolve_settings("halfcheetah", "random", "quick", dict(methods=["all"]))
+    assert "true_env_mpc" not in cheetah.method_names(available)        # quick: off
+    assert "bcq_a" in cheetah.method_names(available)
+    asked = run.resolve_settings("halfcheetah", "random", "quick",
+                                 dict(methods=["all", "true_env_mpc"]))
+    assert "true_env_mpc" in asked.method_names(available)
+    cartpole = run.resolve_settings("cartpole", "pure", "quick", dict(methods=["all"]))
+    assert cartpole.method_names(available) == available
+
+
 def test_settings_follow_the_envs_normalisation_and_schedule():
     cartpole = run.resolve_settings("cartpole", "pure", "quick")
     assert cartpole.standardize is False                    # the authors' raw CartPole
