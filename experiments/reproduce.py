@@ -81,7 +81,9 @@ KNOWN_CAUSES = {
         "of their logged states, against 100 % for agents 3 and 4, whose RMSE is at the paper's "
         "(`python -m experiments.prediction_coverage --dataset=pure`, `prediction_coverage.json`). "
         "Training 300 epochs does not help (agent 0: 6.3, agents 1-4: 0.095, 0.12, 0.040, 0.021). "
-        "Why the paper's model extrapolates there, not found."),
+        "Low coverage is not the whole story: on pure_eps40 agents 0-1 are as little covered "
+        "(11-16 %) and predict at 0.008-0.010. Why the paper's model extrapolates there, not "
+        "found."),
     ("mountaincar", "pure_eps20", "persim"): (
         "Partly as MountainCar / pure: only 4-16 % of the states the test policy visits with "
         "the low-gravity agents 0-2 lie inside the box of their logged states (their RMSE "
