@@ -33,8 +33,7 @@ from experiments import paper, report
 from experiments.datagen.datasets import DATASETS
 from experiments.reproduce import RECORD_DIR, recorded
 
-_RUN_DIR = flags.DEFINE_string("run_dir", "runs/quick", "The quick runs' --out_dir.")
-_ENVS = flags.DEFINE_list("envs", ["cartpole", "mountaincar"], "Environments.")
+FLAGS = flags.FLAGS
 
 GROUPS = {
     "PerSim + True env + MPC": ("persim", "true_env_mpc"),
@@ -91,9 +90,9 @@ def main(argv):
     del argv
     header = ["cell", "quick, measured (s)", *[f"paper: {g}" for g in GROUPS], "paper: all"]
     rows, total = [], 0.0
-    for env in _ENVS.value:
+    for env in FLAGS.envs:
         for dataset in DATASETS:
-            estimate = cell_estimate(env, dataset, _RUN_DIR.value)
+            estimate = cell_estimate(env, dataset, FLAGS.run_dir)
             if estimate is None:
                 continue
             hours = estimate["hours"]
@@ -105,5 +104,13 @@ def main(argv):
     print(f"\nIn all: {total:.0f} h for {len(rows)} cells.")
 
 
+def define_flags() -> None:
+    """The CLI's flags (defined when run as a script, so that importing the
+    module for `scale` defines none)."""
+    flags.DEFINE_string("run_dir", "runs/quick", "The quick runs' --out_dir.")
+    flags.DEFINE_list("envs", ["cartpole", "mountaincar"], "Environments.")
+
+
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

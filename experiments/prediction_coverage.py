@@ -30,12 +30,18 @@ from experiments.reproduce import RECORD_DIR, cell_dir
 from persim_jax import evaluation
 from persim_jax.data import atomic_write
 
-_ENV = flags.DEFINE_string("env", "mountaincar", "Environment.")
-_DATASET = flags.DEFINE_string("dataset", "pure", "Dataset.")
-_DATA_DIR = flags.DEFINE_string("data_dir", datasets.DEFAULT_DATA_DIR, "Dataset cache.")
-_EPISODES = flags.DEFINE_integer("episodes", 50, "Test-policy episodes per test agent.")
-_SEED = flags.DEFINE_integer("seed", 0, "Seed of the episodes (and of the dataset).")
-_OUT = flags.DEFINE_string("out", None, "JSON output (default: beside the quick record's cell).")
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+    """The CLI's flags (defined when run as a script, so that importing the
+    module for `coverage` defines none)."""
+    flags.DEFINE_string("env", "mountaincar", "Environment.")
+    flags.DEFINE_string("dataset", "pure", "Dataset.")
+    flags.DEFINE_string("data_dir", datasets.DEFAULT_DATA_DIR, "Dataset cache.")
+    flags.DEFINE_integer("episodes", 50, "Test-policy episodes per test agent.")
+    flags.DEFINE_integer("seed", 0, "Seed of the episodes (and of the dataset).")
+    flags.DEFINE_string("out", None, "JSON output (default: beside the quick record's cell).")
 
 
 def coverage(logged: np.ndarray, visited: np.ndarray) -> dict:
@@ -69,14 +75,14 @@ def visited_states(env, covariates: np.ndarray, episodes: int, seed: int) -> lis
 
 def main(argv):
     del argv
-    env = envs.make(_ENV.value)
-    transitions, _ = datasets.load_or_generate(_ENV.value, _DATASET.value,
-                                               data_dir=_DATA_DIR.value, seed=_SEED.value)
+    env = envs.make(FLAGS.env)
+    transitions, _ = datasets.load_or_generate(FLAGS.env, FLAGS.dataset,
+                                               data_dir=FLAGS.data_dir, seed=FLAGS.seed)
     count = len(env.test_agents)
     covariates = np.asarray(transitions.covariates)[:count]
-    visited = visited_states(env, covariates, _EPISODES.value, _SEED.value)
+    visited = visited_states(env, covariates, FLAGS.episodes, FLAGS.seed)
     obs, agent_id = np.asarray(transitions.obs), np.asarray(transitions.agent_id)
-    result = {"env": _ENV.value, "dataset": _DATASET.value, "episodes": _EPISODES.value,
+    result = {"env": FLAGS.env, "dataset": FLAGS.dataset, "episodes": FLAGS.episodes,
               "state_names": list(transitions.state_names or []),
               "agents": [{"covariates": np.asarray(covariates[a], np.float64).round(6).tolist(),
                           **coverage(obs[agent_id == a], visited[a])} for a in range(count)]}
@@ -84,7 +90,7 @@ def main(argv):
         print(f"agent {a} {row['covariates']}: logged {row['logged_steps']} steps, "
               f"{row['inside_fraction']:.0%} of the test policy's states inside their box",
               flush=True)
-    out = _OUT.value or os.path.join(cell_dir(RECORD_DIR, "quick", _ENV.value, _DATASET.value),
+    out = FLAGS.out or os.path.join(cell_dir(RECORD_DIR, "quick", FLAGS.env, FLAGS.dataset),
                                      "prediction_coverage.json")
     os.makedirs(os.path.dirname(out), exist_ok=True)
     with atomic_write(out, "w") as handle:
@@ -92,4 +98,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)
