@@ -103,9 +103,9 @@ def define_flags() -> None:
                          "Halve the step size every this many epochs (paper: 150); 0 keeps it "
                          "constant.")
     flags.DEFINE_bool("standardize", None,
-                      "Standardise model inputs and Δ targets (default: raw for CartPole, as "
-                      "the authors' code; standardised for MountainCar, HalfCheetah and your "
-                      "own data).")
+                      "Standardise model inputs and Δ targets (default: raw for CartPole and "
+                      "MountainCar, as the authors' code; standardised for HalfCheetah and "
+                      "your own data).")
     flags.DEFINE_list("state_hidden", None, "Hidden sizes of the state encoder, e.g. 256,512,512.")
     flags.DEFINE_list("action_hidden", None,
                       "Hidden sizes of the continuous action encoder (paper: 256,256).")
