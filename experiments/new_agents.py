@@ -195,8 +195,7 @@ def run_new_agents(env_name: str, dataset: str, *, preset: str = "quick", seed: 
     os.makedirs(directory, exist_ok=True)
     # The keys `experiments.run` gives its trained methods, so that its stored
     # simulators are reused (and ours are reused by it).
-    dataset_key = {k: metadata.get(k) for k in ("path", "sha256", "env", "dataset", "seed",
-                                                 "num_agents", "policies_sha256")}
+    dataset_key = run_lib.dataset_identity(metadata)
     _, test_ids = run_lib.test_agents_of(env, transitions)
     persim = methods.PerSim(config.training())
     population = methods.Population(config.training())

@@ -387,6 +387,18 @@ def load_dataset(env_name: str | None, dataset: str, config: RunConfig, seed: in
     return transitions, metadata, _run_name(path)
 
 
+def dataset_identity(metadata: dict) -> dict:
+    """What trained models depend on in a dataset, for the stage keys: the
+    file's contents and how it was read (the user's file), or the generation
+    request (the paper's datasets, which our code regenerates bit for bit);
+    never where it lies, so that moving a data folder retrains nothing."""
+    identity = {k: metadata.get(k) for k in ("sha256", "version", "env", "dataset", "seed",
+                                             "num_agents", "policies_sha256")}
+    if metadata.get("loader") is not None:
+        identity["loader"] = metadata["loader"]
+    return identity
+
+
 def _load_user_file(path: str, options: dict | None = None):
     """The user's file as Transitions: .npz (ids mapped to 0..N-1 unless the
     file holds `agent_keys`) or long format (.csv / .parquet, the columns
@@ -441,7 +453,7 @@ def train_stage(run: Run, method: methods.Method, transitions, trials: int, seed
     trained, seconds = [], 0.0
     agents = None if agent_ids is None else [int(a) for a in agent_ids]
     for trial in range(trials):
-        key = digest({"dataset": dataset_key, "train": method.description(),
+        key = digest({"dataset": dataset_key, "train": method.training_description(),
                        "seed": seed + trial, "method": method.name, "agents": agents})
         stage = f"train_{method.name}_trial{trial}"
         path = run.path(_artefact_name(method, trial))
@@ -793,10 +805,7 @@ def run_pipeline(env_name: str | None, dataset: str, config: RunConfig, *, prese
     run.timing["dataset"] = round(dataset_seconds, 2)
     if metadata.get("generation_seconds") is not None and not metadata.get("cached", True):
         run.timing["dataset_generation"] = metadata["generation_seconds"]
-    dataset_key = {k: metadata.get(k) for k in ("path", "sha256", "env", "dataset", "seed",
-                                                 "num_agents", "policies_sha256")}
-    if own_data:
-        dataset_key["loader"] = metadata["loader"]
+    dataset_key = dataset_identity(metadata)
     covariates, agent_ids = (test_agents_of(env, transitions) if env is not None
                              else (None, None))
     # What each method's evaluation depends on: its own training only, so

@@ -773,6 +773,11 @@ class VanillaCaDM(Method):
     def description(self) -> dict:
         return self.config.to_dict()
 
+    def training_description(self) -> dict:
+        # Particles are a planning setting: `fit` never reads them, and
+        # `dynamics_for_agent` plans with this method's, not the stored model's.
+        return {k: v for k, v in self.description().items() if k != "particles"}
+
     def train(self, transitions, key, *, workdir=None, agent_ids=None) -> CaDMModel:
         del agent_ids                       # one model; agents differ by their history
         return fit(transitions, self.config, key=key, checkpoint_dir=workdir)
@@ -784,6 +789,9 @@ class VanillaCaDM(Method):
         return CaDMModel.load(path)
 
     def dynamics_for_agent(self, trained: CaDMModel, agent_ids, *, for_planning=True):
+        if trained.config.particles != self.config.particles:   # trained for another run
+            trained = trained.replace(config=dataclasses.replace(
+                trained.config, particles=self.config.particles))
         return CaDMDynamicsForAgent(trained, for_planning)
 
     def planner_config(self, config):

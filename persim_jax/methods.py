@@ -65,6 +65,13 @@ class Method(abc.ABC):
         (JSON-able): part of the harness's cache keys."""
         return {}
 
+    def training_description(self) -> dict:
+        """What its training depends on besides data, seed and trial: the
+        training stage's cache key. `description()` unless some of it matters
+        only after training (CaDM's planning particles), so that changing
+        that retrains nothing."""
+        return self.description()
+
     def key(self, stage: str, seed: int, trial: int = 0) -> jax.Array:
         """The PRNG key of `stage` ("train", "prediction", "reward", "plots")
         for `trial`: distinct per method, independent of the others run."""

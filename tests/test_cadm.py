@@ -162,6 +162,15 @@ def test_pe_ts_members_disagree_more_off_the_data(cartpole_data):
     np.testing.assert_array_equal(sampled, plan(on_data[:4], action[:4]))
     assert not np.allclose(sampled[0], sampled[1])
 
+    # Particles are a planning setting: a run asking for 12 reuses this model
+    # (the same training key) and plans it with 12, 4 per member.
+    six, twelve = cadm.PETSCaDM(config), cadm.PETSCaDM(dataclasses.replace(config, particles=12))
+    assert twelve.training_description() == six.training_description()
+    assert twelve.description() != six.description()
+    plan = twelve.dynamics_for_agent(model, [0])(0, None).dynamics(context)
+    assert plan(on_data[:4], action[:4]).shape == (12, 4, 4)
+    assert model.config.particles == 6
+
 
 def test_vanilla_plans_on_its_prediction(cartpole_data, vanilla):
     """E = 1, P = 1, deterministic: the planner's dynamics is the prediction."""

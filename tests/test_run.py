@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 
@@ -113,6 +114,17 @@ def test_cartpole_end_to_end_and_rerun_skips(tmp_path, caplog):
     assert population["train_seconds"] > 0
     with open(os.path.join(out_dir, "cartpole", "pure", "report.md")) as handle:
         assert "Population model (ours)" in handle.read()
+
+    # Where the dataset lies is in no key: a moved data folder reuses every stage.
+    caplog.clear()
+    moved = str(tmp_path / "moved")
+    shutil.copytree(data_dir, moved)
+    sixth = run.run_pipeline("cartpole", "pure", more, preset="quick", seed=0,
+                             out_dir=out_dir, data_dir=moved)
+    printed = caplog.text
+    assert printed.count("[train] trial 0: reusing") == 2 and ": persim, " not in printed
+    assert printed.count("[reward] reusing") == 3
+    assert sixth["methods"] == fifth["methods"]
 
 
 def test_halfcheetah_end_to_end(tmp_path):
