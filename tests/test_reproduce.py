@@ -40,6 +40,25 @@ def test_claims_and_done():
     assert not reproduce.is_done(results, "paper", ["persim"])
 
 
+def test_a_failing_claim_says_what_is_measured_about_it():
+    results = _results(0.01, -120.0, bcq_p=(None, -100.0), true_env_mpc=(None, -119.5),
+                       vanilla_cadm=(0.5, -110.0))
+    bcq = reproduce.claim_notes(results, "PerSim earns more than BCQ-P")
+    assert "bootstraps on `done`" in bcq[0]
+    assert bcq[1].startswith("BCQ-P (-100.0) also earns more than True env + MPC (-119.5)")
+    assert len(reproduce.claim_notes(results, "PerSim earns more than Vanilla CaDM")) == 1
+    # A note of one preset's size stays out of the other preset's record.
+    cheetah = dict(results, env="halfcheetah", preset="paper")
+    assert reproduce.claim_notes(cheetah, "PerSim earns more than Vanilla CaDM")[:1] != [
+        reproduce.CLAIM_NOTES[("PerSim earns more than Vanilla CaDM", "halfcheetah", "random",
+                               "quick")]]
+    claims = {claim for claim, _ in reproduce.CLAIMS}
+    assert {key[0] for key in reproduce.CLAIM_NOTES} <= claims
+    assert {key[0] for key in reproduce.KNOWN_CAUSES} <= set(reproduce.ALL_METHODS)
+    assert all(key[1] in reproduce.ALL_ENVS and key[2] in reproduce.DATASETS
+               for key in (*reproduce.CLAIM_NOTES, *reproduce.KNOWN_CAUSES))
+
+
 def test_departures_name_agents_and_known_causes():
     results = _results(0.01, -120.0, bcq_p=(None, -100.0))
     lines = reproduce.departures(results)
@@ -53,12 +72,13 @@ def test_report_from_the_record(tmp_path):
     cell = tmp_path / "quick" / "mountaincar" / "random"
     cell.mkdir(parents=True)
     (cell / "results.json").write_text(json.dumps(
-        _results(0.01, -120.0, vanilla_cadm=(0.5, -300.0))))
+        _results(0.01, -120.0, vanilla_cadm=(0.5, -300.0), bcq_p=(None, -100.0))))
     path = reproduce.write_report(str(tmp_path), "quick")
     text = open(path, encoding="utf-8").read()
     assert "1 of 12 env × dataset cells recorded" in text
     assert "| PerSim predicts better than Vanilla CaDM | yes | 1 / 1 |" in text
     assert "## MountainCar / Random" in text and "Vanilla CaDM (paper)" in text
+    assert "- PerSim earns more than BCQ-P, **MountainCar / Random**: The paper's BCQ-P" in text
 
 
 def test_differences_ignore_timings_and_name_each_changed_number():
