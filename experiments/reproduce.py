@@ -90,8 +90,9 @@ KNOWN_CAUSES = {
         "(`python -m experiments.prediction_coverage --dataset=pure`, `prediction_coverage.json`). "
         "Training 300 epochs does not help (agent 0: 6.3, agents 1-4: 0.095, 0.12, 0.040, 0.021). "
         "Low coverage is not the whole story: on pure_eps40 agents 0-1 are as little covered "
-        "(11-16 %) and predict at 0.008-0.010. Why the paper's model extrapolates there, not "
-        "found."),
+        "(11-16 %) and predict at 0.008-0.010. Not the wall: their windows that reach it predict "
+        "no worse than the others (`mountaincar_wall.json`). Why the paper's model extrapolates "
+        "there, not found."),
     ("persim", "mountaincar", "pure_eps20"): (
         "Partly as MountainCar / pure: only 4-16 % of the states the test policy visits with "
         "the low-gravity agents 0-2 lie inside the box of their logged states (their RMSE "
@@ -99,12 +100,17 @@ KNOWN_CAUSES = {
         "(`python -m experiments.prediction_coverage --dataset=pure_eps20`); agent 4, fully "
         "covered, is still 4x the paper's (0.017 vs 0.004): not explained."),
     ("persim", "mountaincar", "random"): (
-        "The low-gravity test agents' RMSE stays near 0.01 against the paper's 0.001 whatever "
-        "the inputs and training length (raw inputs, 60 epochs: 0.014 and 0.011; standardised, "
-        "60 epochs: 0.0078 and 0.0064; standardised, paper preset, 300 epochs: 0.0091 and "
-        "0.0102). Not coverage: 27-51 % of the states the test policy visits lie inside the box "
-        "of each test agent's logged states, about as for agents 3 and 4 (26 %), which predict "
-        "at the paper's 0.001 (`prediction_coverage.json`). Cause not found yet."),
+        "Measured: the left wall. The test policy drives the low-gravity agents 0 and 1 into "
+        "the wall at x = −1.2 (position clamped, velocity zeroed: a discontinuity a smooth model "
+        "does not reproduce) in 48 % and 62 % of the scored windows; their RMSE is 0.022 and "
+        "0.026 on those windows and 0.0030 and 0.0017 on the others, near the paper's 0.001; "
+        "agents 3 and 4 never reach the wall (`python -m experiments.mountaincar_wall "
+        "--dataset=random`, `mountaincar_wall.json`). Not coverage (27-51 % of the visited "
+        "states inside each agent's logged box, 26 % for agents 3 and 4, "
+        "`prediction_coverage.json`), nor inputs or training length (raw, 60 epochs: 0.014 and "
+        "0.011; standardised, 60 epochs: 0.0078 and 0.0064; standardised, paper preset, 300 "
+        "epochs: 0.0091 and 0.0102). Whether the paper's test windows reach the wall less "
+        "often, not known."),
 }
 
 

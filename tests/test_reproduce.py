@@ -157,6 +157,24 @@ def test_prediction_coverage_counts_visited_states_inside_the_logged_box():
     assert row["inside_fraction"] == 0.5          # (0.5, 0.5) and (1, -1), edges included
 
 
+def test_mountaincar_wall_splits_the_windows_that_reach_it():
+    import numpy as np
+    from experiments import mountaincar_wall
+
+    true = np.zeros((3, 4, 2))
+    true[0, 2, 0] = -1.2                                  # window 0 reaches the wall
+    true[1, 3, 0] = -1.2                                  # window 1 only after its end
+    predicted = true + np.array([1.0, 2.0, 5.0])[:, None, None]
+    valid = np.ones((3, 4), bool)
+    valid[1, 3] = False
+    row = mountaincar_wall.split_by_wall(true, predicted, valid)
+    assert row["windows"] == 3 and row["wall_fraction"] == round(1 / 3, 3)
+    assert row["rmse_with_wall"] == 1.0 and row["rmse_without_wall"] == 3.5    # (2 + 5) / 2
+    assert row["rmse"] == round(8 / 3, 5)
+    none = mountaincar_wall.split_by_wall(true[1:], predicted[1:], valid[1:])
+    assert none["wall_fraction"] == 0.0 and none["rmse_with_wall"] is None
+
+
 def test_paper_cost_scales_each_stage_by_the_protocols_work():
     from benchmarks import reproduction_cost as cost
 
