@@ -5,7 +5,8 @@ velocity there: a discontinuity that a smooth dynamics model does not
 reproduce. This takes the prediction protocol's scored windows (10 warm-up +
 50 open-loop steps of the test policy in each test agent's true physics,
 `--episodes` episodes), splits them by whether the car reaches the wall inside
-the window, and reports a recorded simulator's RMSE on each part.
+the window, and reports a recorded simulator's RMSE on each part, with how many logged
+transitions reach the wall (what the model could learn of it).
 
     python -m experiments.mountaincar_wall --dataset=random \
         [--simulator=runs/quick/mountaincar/random/simulator_trial0.msgpack] \
@@ -89,10 +90,19 @@ def main(argv):
     count = len(env.test_agents)
     covariates = np.asarray(transitions.covariates)[:count]
     true, predicted, valid = windows(simulator, env, covariates, FLAGS.episodes, FLAGS.seed)
+    # What the model could learn of the wall: the logged transitions that reach it.
+    at_wall = np.asarray(transitions.next_obs)[:, 0] <= WALL + 1e-6
+    agent_id = np.asarray(transitions.agent_id)
     result = {"dataset": FLAGS.dataset, "simulator": path, "episodes": FLAGS.episodes,
-              "wall": WALL, "agents": []}
+              "wall": WALL, "logged_transitions": int(len(at_wall)),
+              "logged_at_wall": int(at_wall.sum()),
+              "agents_logged_at_wall": int(len(np.unique(agent_id[at_wall]))), "agents": []}
+    print(f"{result['logged_at_wall']} of {result['logged_transitions']} logged transitions "
+          f"reach the wall, from {result['agents_logged_at_wall']} of {transitions.num_agents} "
+          "agents", flush=True)
     for a in range(count):
         row = {"gravity": round(float(covariates[a][0]), 6),
+               "logged_at_wall": int(at_wall[agent_id == a].sum()),
                **split_by_wall(true[a], predicted[a], valid[a])}
         result["agents"].append(row)
         print(f"agent {a} (gravity {row['gravity']}): {row['wall_fraction']:.0%} of the windows "
