@@ -47,6 +47,10 @@ def test_a_failing_claim_says_what_is_measured_about_it():
     assert "bootstraps on `done`" in bcq[0]
     assert bcq[1].startswith("BCQ-P (-100.0) also earns more than True env + MPC (-119.5)")
     assert len(reproduce.claim_notes(results, "PerSim earns more than Vanilla CaDM")) == 1
+    # HalfCheetah / pure: the paper's own BCQ-P earns more than its PerSim.
+    cheetah = dict(results, env="halfcheetah", dataset="pure")
+    assert reproduce.claim_notes(cheetah, "PerSim earns more than BCQ-P")[0] == (
+        "The paper's own numbers do not hold it either (PerSim 451.7, BCQ-P 1505).")
     # A note of one preset's size stays out of the other preset's record.
     cheetah = dict(results, env="halfcheetah", preset="paper")
     assert reproduce.claim_notes(cheetah, "PerSim earns more than Vanilla CaDM")[:1] != [
@@ -76,7 +80,9 @@ def test_report_from_the_record(tmp_path):
     path = reproduce.write_report(str(tmp_path), "quick")
     text = open(path, encoding="utf-8").read()
     assert "1 of 12 env × dataset cells recorded" in text
-    assert "| PerSim predicts better than Vanilla CaDM | yes | 1 / 1 |" in text
+    # Ours, then (in brackets) the check on the paper's own numbers for the cell.
+    assert "| PerSim predicts better than Vanilla CaDM | yes (yes) | 1 / 1 (1 / 1) |" in text
+    assert "| The population model predicts worse than PerSim | – | 0 / 0 |" in text
     assert "## MountainCar / Random" in text and "Vanilla CaDM (paper)" in text
     assert "- PerSim earns more than BCQ-P, **MountainCar / Random**: The paper's BCQ-P" in text
 
