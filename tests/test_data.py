@@ -98,7 +98,7 @@ def test_interrupted_save_leaves_no_file_and_keeps_the_old_one(tmp_path, monkeyp
         handle.write(b"PK\x03\x04 half a zip")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(data.np, "savez", half_write)
+    monkeypatch.setattr(np, "savez", half_write)
     with pytest.raises(KeyboardInterrupt):
         data.save_npz(path, tr)
     assert os.listdir(tmp_path) == []
@@ -106,7 +106,7 @@ def test_interrupted_save_leaves_no_file_and_keeps_the_old_one(tmp_path, monkeyp
     monkeypatch.undo()
     data.save_npz(path, tr)
     before = path.read_bytes()
-    monkeypatch.setattr(data.np, "savez", half_write)
+    monkeypatch.setattr(np, "savez", half_write)
     with pytest.raises(KeyboardInterrupt):
         data.save_npz(path, data.make_transitions(**_toy(seed=1)))
     assert os.listdir(tmp_path) == ["dataset.npz"] and path.read_bytes() == before
@@ -426,3 +426,63 @@ def test_msgpack_files_round_trip_and_foreign_files_are_named(tmp_path):
     (tmp_path / "notes.txt").write_text("not msgpack at all")
     with pytest.raises(ValueError, match="notes.txt: not a kind-a file"):
         data.load_msgpack(tmp_path / "notes.txt", "kind-a", "a kind-a file")
+
+
+def test_a_damaged_msgpack_file_of_ours_is_named_in_one_error(tmp_path):
+    path = tmp_path / "simulator_trial0.msgpack"
+    data.save_msgpack(path, {"format": "kind-a", "weights": np.arange(300.0)})
+    whole = path.read_bytes()
+    for cut in (len(whole) // 2, len(whole) - 1, 20):
+        path.write_bytes(whole[:cut])        # a copy or a write cut short
+        with pytest.raises(ValueError) as error:
+            data.load_msgpack(path, "kind-a", "a kind-a file")
+        assert str(error.value) == (f"{path}: damaged kind-a file (incomplete input); delete it "
+                                    f"to rebuild")
+        assert error.value.__cause__ is None and error.value.__suppress_context__
+    path.write_bytes(whole[:20] + b"\xc1" * 50)       # overwritten after its first bytes
+    with pytest.raises(ValueError, match=r"simulator_trial0.msgpack: damaged kind-a file \("):
+        data.load_msgpack(path, "kind-a", "a kind-a file")
+    path.write_bytes(b"")
+    with pytest.raises(ValueError, match=r"not a kind-a file \(damaged or foreign: empty file\)"):
+        data.load_msgpack(path, "kind-a", "a kind-a file")
+    path.write_bytes(whole)
+    np.testing.assert_array_equal(data.load_msgpack(path, "kind-a", "a kind-a file")["weights"],
+                                  np.arange(300.0))
+
+
+def test_jsonable_turns_numpy_values_and_tuples_into_json_types():
+    value = {"a": np.float32(0.1), "b": (1, np.int64(2), [np.bool_(True), None]),
+             "c": np.arange(4).reshape(2, 2), "d": {"e": "text", "f": np.str_("g")},
+             "h": np.array([(1, 2)], dtype=object)}
+    out = data.jsonable(value)
+    assert out == {"a": float(np.float32(0.1)), "b": [1, 2, [True, None]],
+                   "c": [[0, 1], [2, 3]], "d": {"e": "text", "f": "g"}, "h": [[1, 2]]}
+    assert type(out["a"]) is float and type(out["b"][1]) is int and type(out["d"]["f"]) is str
+    with pytest.raises(TypeError, match="not JSON serialisable: set"):
+        data.jsonable({"x": [{1, 2}]})
+
+
+def test_write_json_writes_what_the_experiments_have_always_written(tmp_path):
+    import json
+
+    payload = {"returns": np.array([[1.5, np.float32(2.25)]]), "seed": np.int64(3),
+               "sizes": (4, 5), "loss": np.float64(0.1), "nested": [{"k": (np.float32(0.2),)}],
+               "name": "cartpole", "none": None}
+
+    def experiments_default(value):      # experiments/run.py's `_json_default`, as it was
+        if isinstance(value, (np.floating, np.integer)):
+            return value.item()
+        if isinstance(value, np.ndarray):
+            return value.tolist()
+        if isinstance(value, tuple):
+            return list(value)
+        raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+    path = tmp_path / "sub" / "results.json"
+    data.write_json(path, payload)
+    expected = json.dumps(payload, indent=1, default=experiments_default) + "\n"
+    assert path.read_text() == expected
+    assert json.loads(expected) == data.jsonable(payload)
+    with pytest.raises(TypeError, match="not JSON serialisable: object"):
+        data.write_json(tmp_path / "bad.json", {"x": object()})
+    assert sorted(os.listdir(tmp_path)) == ["sub"]
