@@ -7,7 +7,12 @@ from __future__ import annotations
 import json
 import os
 
-from experiments import reproduce
+import pytest
+
+from experiments import claims, reproduce
+
+NOTES = claims.load_notes()
+BY_TEXT = {claim.text: claim for claim in claims.CLAIMS}
 
 
 def _results(persim_rmse, persim_reward, **others):
@@ -29,7 +34,7 @@ def _results(persim_rmse, persim_reward, **others):
 def test_claims_and_done():
     results = _results(0.01, -120.0, vanilla_cadm=(0.5, -300.0), bcq_p=(None, -100.0),
                        true_env_mpc=(None, -119.5), population=(0.2, -200.0))
-    checks = {claim: check(results) for claim, check in reproduce.CLAIMS}
+    checks = {claim.text: claim.check(results) for claim in claims.CLAIMS}
     assert checks["PerSim predicts better than Vanilla CaDM"] is True
     assert checks["PerSim earns more than Vanilla CaDM"] is True
     assert checks["PerSim earns more than BCQ-P"] is False
@@ -43,29 +48,60 @@ def test_claims_and_done():
 def test_a_failing_claim_says_what_is_measured_about_it():
     results = _results(0.01, -120.0, bcq_p=(None, -100.0), true_env_mpc=(None, -119.5),
                        vanilla_cadm=(0.5, -110.0))
-    bcq = reproduce.claim_notes(results, "PerSim earns more than BCQ-P")
+    bcq = claims.claim_notes(results, BY_TEXT["PerSim earns more than BCQ-P"], NOTES)
     assert "bootstraps on `done`" in bcq[0]
     assert bcq[1].startswith("BCQ-P (-100.0) also earns more than True env + MPC (-119.5)")
-    assert len(reproduce.claim_notes(results, "PerSim earns more than Vanilla CaDM")) == 1
+    assert len(claims.claim_notes(results, BY_TEXT["PerSim earns more than Vanilla CaDM"],
+                                  NOTES)) == 1
     # HalfCheetah / pure: the paper's own BCQ-P earns more than its PerSim.
     cheetah = dict(results, env="halfcheetah", dataset="pure")
-    assert reproduce.claim_notes(cheetah, "PerSim earns more than BCQ-P")[0] == (
+    assert claims.claim_notes(cheetah, BY_TEXT["PerSim earns more than BCQ-P"], NOTES)[0] == (
         "The paper's own numbers do not hold it either (PerSim 451.7, BCQ-P 1505).")
     # A note of one preset's size stays out of the other preset's record.
     cheetah = dict(results, env="halfcheetah", preset="paper")
-    assert reproduce.claim_notes(cheetah, "PerSim earns more than Vanilla CaDM")[:1] != [
-        reproduce.CLAIM_NOTES[("PerSim earns more than Vanilla CaDM", "halfcheetah", "random",
-                               "quick")]]
-    claims = {claim for claim, _ in reproduce.CLAIMS}
-    assert {key[0] for key in reproduce.CLAIM_NOTES} <= claims
-    assert {key[0] for key in reproduce.KNOWN_CAUSES} <= set(reproduce.ALL_METHODS)
-    assert all(key[1] in reproduce.ALL_ENVS and key[2] in reproduce.DATASETS
-               for key in (*reproduce.CLAIM_NOTES, *reproduce.KNOWN_CAUSES))
+    assert claims.claim_notes(cheetah, BY_TEXT["PerSim earns more than Vanilla CaDM"],
+                              NOTES)[:1] != [
+        NOTES.claims[("reward_vs_vanilla_cadm", "halfcheetah", "random", "quick")].text]
+    ids = {claim.id for claim in claims.CLAIMS}
+    assert {key[0] for key in NOTES.claims} <= ids
+    assert {key[0] for key in NOTES.causes} <= set(claims.ALL_METHODS)
+    assert all(key[1] in claims.ALL_ENVS and key[2] in reproduce.DATASETS
+               for key in (*NOTES.claims, *NOTES.causes))
+
+
+def test_notes_are_data_beside_the_record_and_name_their_sources(tmp_path):
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    assert os.path.dirname(claims.NOTES_PATH) == reproduce.RECORD_DIR
+    for note in (*NOTES.claims.values(), *NOTES.causes.values()):
+        assert note.text and all(os.path.isfile(os.path.join(root, source))
+                                 for source in note.sources)
+    # The BCQ-P cause names the file that measured it.
+    assert NOTES.causes[("bcq_p", "mountaincar", "random")].sources == (
+        "experiments/results/quick/mountaincar/random/bcq_bootstrap.json",)
+    # A note keyed to an unknown claim or env is refused, naming the field.
+    bad = tmp_path / "notes.json"
+    bad.write_text(json.dumps({"claim_notes": [
+        {"claim": "persim_is_best", "env": "mountaincar", "dataset": "random", "text": "x"}]}))
+    with pytest.raises(ValueError, match="claim 'persim_is_best'"):
+        claims.load_notes(bad)
+    bad.write_text(json.dumps({"departure_causes": [
+        {"method": "persim", "env": "pendulum", "dataset": "random", "text": "x"}]}))
+    with pytest.raises(ValueError, match="env 'pendulum'"):
+        claims.load_notes(bad)
+
+
+def test_each_claim_names_the_methods_section_and_direction_it_compares():
+    claim = claims.CLAIMS_BY_ID["prediction_vs_vanilla_cadm"]
+    assert (claim.method, claim.other, claim.section, claim.field, claim.direction) == (
+        "persim", "vanilla_cadm", "prediction", "rmse", "lower")
+    assert {c.other for c in claims.CLAIMS} <= set(claims.ALL_METHODS)
+    with pytest.raises(ValueError, match="direction"):
+        claims.Claim("x", "x", "bcq_p", "reward", "sideways", "baseline")
 
 
 def test_departures_name_agents_and_known_causes():
     results = _results(0.01, -120.0, bcq_p=(None, -100.0))
-    lines = reproduce.departures(results)
+    lines = claims.departures(results, NOTES)
     # PerSim's RMSE 0.01 against the paper's 0.001; BCQ-P's -100 against -500 ± 0.
     assert any(line.startswith("PerSim, prediction RMSE") for line in lines)
     bcq = [line for line in lines if line.startswith("BCQ-P, reward")]
@@ -152,7 +188,7 @@ def test_a_cell_recorded_under_other_settings_is_not_done():
 
 def test_prediction_coverage_counts_visited_states_inside_the_logged_box():
     import numpy as np
-    from experiments import prediction_coverage
+    from experiments.diagnostics import prediction_coverage
 
     logged = np.array([[0.0, -1.0], [1.0, 1.0], [0.5, 0.0]])
     visited = np.array([[0.5, 0.5], [1.5, 0.0], [0.2, -2.0], [1.0, -1.0]])
@@ -165,7 +201,7 @@ def test_prediction_coverage_counts_visited_states_inside_the_logged_box():
 
 def test_mountaincar_wall_splits_the_windows_that_reach_it():
     import numpy as np
-    from experiments import mountaincar_wall
+    from experiments.diagnostics import mountaincar_wall
 
     true = np.zeros((3, 4, 2))
     true[0, 2, 0] = -1.2                                  # window 0 reaches the wall

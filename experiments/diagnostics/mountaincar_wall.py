@@ -8,16 +8,16 @@ reproduce. This takes the prediction protocol's scored windows (10 warm-up +
 the window, and reports a recorded simulator's RMSE on each part, with how many logged
 transitions reach the wall (what the model could learn of it).
 
-    python -m experiments.mountaincar_wall --dataset=random \
+    python -m experiments.diagnostics.mountaincar_wall --dataset=random \
         [--simulator=runs/quick/mountaincar/random/simulator_trial0.msgpack] \
-        [--episodes=60] [--out=FILE.json]
+        [--episodes=60] [--record | --out=FILE.json]
 
-The JSON goes beside the quick record's cell by default.
+The JSON goes to runs/diagnostics/quick/mountaincar/<dataset>/mountaincar_wall.json
+by default, beside the quick record's cell with --record.
 """
 
 from __future__ import annotations
 
-import json
 import os
 
 import jax
@@ -26,10 +26,9 @@ from absl import app, flags
 
 import envs
 from envs.mountaincar import EnvParams
+from experiments import diagnostics
 from experiments.datagen import datasets, policies
-from experiments.reproduce import RECORD_DIR, cell_dir
 from persim_jax import evaluation
-from persim_jax.data import atomic_write
 from persim_jax.model import Simulator
 
 FLAGS = flags.FLAGS
@@ -44,7 +43,8 @@ def define_flags() -> None:
                         "runs/quick/mountaincar/<dataset>/simulator_trial0.msgpack).")
     flags.DEFINE_integer("episodes", 60, "Test-policy episodes per test agent.")
     flags.DEFINE_integer("seed", 0, "Seed of the episodes (and of the dataset).")
-    flags.DEFINE_string("out", None, "JSON output (default: beside the quick record's cell).")
+    flags.DEFINE_integer("num_agents", datasets.NUM_AGENTS, "Agents in the dataset (paper: 500).")
+    diagnostics.define_output_flags()
 
 
 def split_by_wall(true: np.ndarray, predicted: np.ndarray, valid: np.ndarray) -> dict:
@@ -79,13 +79,14 @@ def windows(simulator: Simulator, env, covariates: np.ndarray, episodes: int, se
 
 def main(argv):
     del argv
-    env = envs.make("mountaincar")
-    transitions, _ = datasets.load_or_generate("mountaincar", FLAGS.dataset,
-                                               data_dir=FLAGS.data_dir, seed=FLAGS.seed)
     path = FLAGS.simulator or os.path.join("runs", "quick", "mountaincar", FLAGS.dataset,
                                            "simulator_trial0.msgpack")
     if not os.path.exists(path):
         raise app.UsageError(f"--simulator: no such file: {path} (run experiments.run first)")
+    env = envs.make("mountaincar")
+    transitions, _ = datasets.load_or_generate("mountaincar", FLAGS.dataset,
+                                               data_dir=FLAGS.data_dir, seed=FLAGS.seed,
+                                               num_agents=FLAGS.num_agents)
     simulator = Simulator.load(path)
     count = len(env.test_agents)
     covariates = np.asarray(transitions.covariates)[:count]
@@ -108,12 +109,10 @@ def main(argv):
         print(f"agent {a} (gravity {row['gravity']}): {row['wall_fraction']:.0%} of the windows "
               f"reach the wall; RMSE {row['rmse']} (with the wall {row['rmse_with_wall']}, "
               f"without {row['rmse_without_wall']})", flush=True)
-    out = FLAGS.out or os.path.join(cell_dir(RECORD_DIR, "quick", "mountaincar", FLAGS.dataset),
-                                     "mountaincar_wall.json")
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    with atomic_write(out, "w") as handle:
-        json.dump(result, handle, indent=1)
-        handle.write("\n")
+    out = diagnostics.output_path("mountaincar_wall.json", "mountaincar", FLAGS.dataset,
+                                  out=FLAGS.out, record=FLAGS.record)
+    diagnostics.write_json(out, result)
+    print(f"[mountaincar_wall] {out}", flush=True)
 
 
 if __name__ == "__main__":
