@@ -28,7 +28,7 @@ import numpy as np  # noqa: E402
 from persim_jax.data import atomic_write  # noqa: E402
 
 
-def _save(fig, path: str) -> str:
+def save_figure(fig, path: str) -> str:
     """Writes `fig` as PNG to a temporary file beside `path`, then renames it
     (with a new file's usual permissions, `atomic_write`)."""
     try:
@@ -117,7 +117,7 @@ def plot_tsne(factors: np.ndarray, covariates: np.ndarray, names: Sequence[str],
         ax.set_title(f"Agent factors (t-SNE), coloured by {name}", fontsize=10)
         ax.set_xticks([])
         ax.set_yticks([])
-        paths.append(_save(fig, f"{prefix}_{_file_safe(name)}.png"))
+        paths.append(save_figure(fig, f"{prefix}_{_file_safe(name)}.png"))
     return paths
 
 
@@ -140,7 +140,7 @@ def plot_tsne_factors(factors: np.ndarray, path: str | os.PathLike, member: int 
     ax.set_title("Agent factors (t-SNE); no covariates to colour them by", fontsize=10)
     ax.set_xticks([])
     ax.set_yticks([])
-    return _save(fig, os.fspath(path))
+    return save_figure(fig, os.fspath(path))
 
 
 def plot_trajectories(true: np.ndarray, predicted: np.ndarray, valid: np.ndarray,
@@ -201,4 +201,4 @@ def plot_trajectories(true: np.ndarray, predicted: np.ndarray, valid: np.ndarray
         axes[-1, col].set_xlabel("step", fontsize=8)
     axes[0, 0].legend(fontsize=7, loc="best")
     fig.tight_layout()
-    return _save(fig, os.fspath(path))
+    return save_figure(fig, os.fspath(path))

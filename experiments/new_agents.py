@@ -44,8 +44,10 @@ import numpy as np
 from absl import app, flags, logging
 
 import envs
-from experiments import figures, paper
-from experiments import run as run_lib
+from experiments import cli, figures, paper, pipeline
+from experiments import config as config_lib
+from experiments.cache import RunDirectory, digest, say
+from experiments.stages import planner_description, planner_for, test_agents_of, train_stage
 from experiments.config import UserError
 from experiments.datagen import datasets, policies
 from persim_jax import data, evaluation, methods
@@ -71,6 +73,10 @@ def define_flags() -> None:
     flags.DEFINE_integer("num_new_agents", 20, "Unseen agents drawn from the env's ranges.")
     flags.DEFINE_integer("mpc_agents", 5, "New agents whose MPC reward is measured (0: none).")
     flags.DEFINE_bool("force", False, "Retrain instead of reusing stored simulators.")
+    # The run's training and planner settings, as experiments.run's (a
+    # simulator trained by a run with the same settings is reused).
+    cli.define_training_flags()
+    cli.define_planner_flags()
 
 
 # ---------------------------------------------------------------------------
@@ -140,7 +146,9 @@ def with_new_agents(transitions: data.Transitions, new: data.Transitions) -> dat
 def _prediction(key, model, env, covariates, agent_ids, episodes: int) -> list[float]:
     """Per-agent mean open-loop RMSE (the paper's protocol, the test policy)."""
     errors = evaluation.prediction_error(key, model, env, policies.test_policy(env), covariates,
-                                         agent_ids, num_episodes=episodes)
+                                         agent_ids, num_episodes=episodes,
+                                         warmup=paper.PREDICTION_WARMUP,
+                                         horizon=paper.PREDICTION_HORIZON)
     return errors.summary()["rmse"]
 
 
@@ -169,8 +177,63 @@ def _key(name: str, seed: int) -> jax.Array:
     return jax.random.fold_in(base, zlib.crc32(name.encode()))
 
 
-def _say(message: str) -> None:
-    logging.info("%s", message, stacklevel=2)
+def _train_references(the_run, config, transitions, metadata, test_ids, seed):
+    """(PerSim's simulator, the population model, PerSim's method): trial 0
+    of each, with the keys `experiments.run` gives them, so that its stored
+    simulators are reused (and ours are reused by it)."""
+    dataset_key = pipeline.dataset_identity(metadata)
+    persim = methods.PerSim(config.training())
+    population = methods.Population(config.training())
+    [simulator], _ = train_stage(the_run, persim, transitions, 1, seed, digest(dataset_key),
+                                 test_ids)
+    [pooled], _ = train_stage(the_run, population, transitions, 1, seed, digest(dataset_key),
+                              test_ids)
+    return simulator, pooled, persim
+
+
+def _predictions(env, simulator, retrained, pooled, new, covariates, transitions_per_agent,
+                 episodes, seed):
+    """({K: simulator with the new agents' factors from K transitions},
+    per-K RMSE (len(K), agents), retrained RMSE, population RMSE)."""
+    num_new_agents = len(covariates)
+    new_ids = simulator.num_agents + np.arange(num_new_agents)
+    prediction_key = _key("prediction", seed)
+    say(f"[prediction] {num_new_agents} new agents × {episodes} episodes, K in "
+        f"{[k or 'all' for k in transitions_per_agent]}")
+    per_k, simulators = [], {}
+    for count in transitions_per_agent:
+        fitted = simulator.add_agents(first_transitions(new, count))
+        simulators[count] = fitted
+        per_k.append(_prediction(prediction_key, fitted, env, covariates, new_ids, episodes))
+        say(f"[prediction] K = {count or 'all'}: mean RMSE {_mean(per_k[-1])}")
+    retrained_rmse = _prediction(prediction_key, retrained, env, covariates, new_ids, episodes)
+    population_rmse = _prediction(prediction_key, pooled, env, covariates,
+                                  np.zeros(num_new_agents, np.int64), episodes)
+    say(f"[prediction] references: retrained {_mean(retrained_rmse)}, population "
+        f"{_mean(population_rmse)}")
+    return simulators, np.asarray(per_k), retrained_rmse, population_rmse
+
+
+def _rewards(env, config, simulator, retrained, covariates, mpc_agents, largest, seed) -> dict:
+    """MPC reward of the first `mpc_agents` new agents: closed-form factors
+    from `largest` transitions (`simulator`), retrained, true physics."""
+    planner = planner_for(env, config)
+    new_ids = (retrained.num_agents - len(covariates) + np.arange(mpc_agents)).tolist()
+    shown = covariates[:mpc_agents]
+    key = _key("reward", seed)
+    say(f"[reward] MPC of {mpc_agents} new agents × {config.episodes} episodes: closed-form "
+        f"factors (K = {largest or 'all'}), retrained, true physics")
+    play = lambda dynamics: _reward(key, planner, dynamics, env, shown, config.episodes,
+                                    config.max_steps)
+    return {
+        "transitions_per_agent": largest if largest is not None else "all",
+        "agents": mpc_agents, "episodes": config.episodes,
+        "max_steps": config.max_steps or env.max_episode_steps,
+        "planner": planner_description(planner),
+        "new": play(evaluation.simulator_dynamics_for_agent(simulator, new_ids)),
+        "retrained": play(evaluation.simulator_dynamics_for_agent(retrained, new_ids)),
+        "true_env_mpc": play(evaluation.true_env_dynamics_for_agent(env)),
+    }
 
 
 def run_new_agents(env_name: str, dataset: str, *, preset: str = "quick", seed: int = 0,
@@ -179,31 +242,22 @@ def run_new_agents(env_name: str, dataset: str, *, preset: str = "quick", seed: 
                    transitions_per_agent=TRANSITIONS_PER_AGENT, force: bool = False,
                    overrides: dict | None = None) -> dict:
     """Runs the experiment (module docstring) and returns `new_agents.json`'s
-    contents. `overrides`: `RunConfig` fields replacing the preset's (tests)."""
+    contents. `overrides`: `RunConfig` fields replacing the preset's."""
     if num_new_agents < 1:
         raise UserError(f"--num_new_agents: must be >= 1; got {num_new_agents}")
     if not 0 <= mpc_agents <= num_new_agents:
         raise UserError(f"--mpc_agents: must be in 0..{num_new_agents}; got {mpc_agents}")
-    start = time.time()
-    timing = {}
-    config = run_lib.resolve_settings(env_name, dataset, preset, overrides)
+    start, timing = time.time(), {}
+    config = config_lib.resolve(env_name, dataset, preset, overrides)
     env = envs.make(env_name)
-    transitions, metadata, name, _ = run_lib.dataset_stage(env_name, dataset, config, seed,
+    transitions, metadata, name, _ = pipeline.dataset_stage(env_name, dataset, config, seed,
                                                             data_dir)
     directory = os.path.join(out_dir, env_name, name)
-    the_run = run_lib.Run(directory, force)
     os.makedirs(directory, exist_ok=True)
-    # The keys `experiments.run` gives its trained methods, so that its stored
-    # simulators are reused (and ours are reused by it).
-    dataset_key = run_lib.dataset_identity(metadata)
-    _, test_ids = run_lib.test_agents_of(env, transitions)
-    persim = methods.PerSim(config.training())
-    population = methods.Population(config.training())
+    _, test_ids = test_agents_of(env, transitions)
     train_start = time.time()
-    [simulator], _ = run_lib.train_stage(the_run, persim, transitions, 1, seed,
-                                         run_lib.digest(dataset_key), test_ids)
-    [pooled], _ = run_lib.train_stage(the_run, population, transitions, 1, seed,
-                                      run_lib.digest(dataset_key), test_ids)
+    simulator, pooled, persim = _train_references(RunDirectory(directory, force), config,
+                                                  transitions, metadata, test_ids, seed)
     timing["train"] = round(time.time() - train_start, 2)
 
     agents_key, log_key = jax.random.split(_key("agents", seed))
@@ -212,67 +266,46 @@ def run_new_agents(env_name: str, dataset: str, *, preset: str = "quick", seed: 
                                    else np.asarray(transitions.covariates))
     new = log_new_agents(env, dataset, covariates, log_key)
     lengths = new.transitions_per_agent()
-    _say(f"[new agents] {num_new_agents} unseen agents, one {dataset} trajectory each "
-         f"({int(lengths.min())}-{int(lengths.max())} transitions)")
+    say(f"[new agents] {num_new_agents} unseen agents, one {dataset} trajectory each "
+        f"({int(lengths.min())}-{int(lengths.max())} transitions)")
 
     retrain_start = time.time()
-    retrain_run = run_lib.Run(os.path.join(directory, "new_agents"), force)
     combined = with_new_agents(transitions, new)
-    retrain_key = run_lib.digest({"dataset": dataset_key, "new_agents": covariates.tolist(),
-                                   "log_seed": seed})
-    [retrained], _ = run_lib.train_stage(retrain_run, persim, combined, 1, seed, retrain_key,
-                                         test_ids)
+    retrain_key = digest({"dataset": pipeline.dataset_identity(metadata),
+                          "new_agents": covariates.tolist(), "log_seed": seed})
+    [retrained], _ = train_stage(RunDirectory(os.path.join(directory, "new_agents"), force),
+                                 persim, combined, 1, seed, retrain_key, test_ids)
     timing["retrain"] = round(time.time() - retrain_start, 2)
 
-    num_old = simulator.num_agents
-    new_ids = num_old + np.arange(num_new_agents)
-    episodes = config.prediction_episodes
-    prediction_key = _key("prediction", seed)
     prediction_start = time.time()
-    _say(f"[prediction] {num_new_agents} new agents × {episodes} episodes, K in "
-         f"{[k or 'all' for k in transitions_per_agent]}")
-    per_k, simulators = [], {}
-    for count in transitions_per_agent:
-        fitted = simulator.add_agents(first_transitions(new, count))
-        simulators[count] = fitted
-        per_k.append(_prediction(prediction_key, fitted, env, covariates, new_ids, episodes))
-        _say(f"[prediction] K = {count or 'all'}: mean RMSE {_mean(per_k[-1])}")
-    retrained_rmse = _prediction(prediction_key, retrained, env, covariates, new_ids, episodes)
-    population_rmse = _prediction(prediction_key, pooled, env, covariates,
-                                  np.zeros(num_new_agents, np.int64), episodes)
+    simulators, rmse_new, retrained_rmse, population_rmse = _predictions(
+        env, simulator, retrained, pooled, new, covariates, transitions_per_agent,
+        config.prediction_episodes, seed)
     timing["prediction"] = round(time.time() - prediction_start, 2)
-    _say(f"[prediction] references: retrained {_mean(retrained_rmse)}, population "
-         f"{_mean(population_rmse)}")
-
     reward = None
     if mpc_agents:
         reward_start = time.time()
-        planner = run_lib.planner_for(env, config)
         largest = transitions_per_agent[-1]
-        shown = covariates[:mpc_agents]
-        key = _key("reward", seed)
-        _say(f"[reward] MPC of {mpc_agents} new agents × {config.episodes} episodes: closed-form "
-             f"factors (K = {largest or 'all'}), retrained, true physics")
-        reward = {
-            "transitions_per_agent": largest if largest is not None else "all",
-            "agents": mpc_agents, "episodes": config.episodes,
-            "max_steps": config.max_steps or env.max_episode_steps,
-            "planner": run_lib.planner_description(planner),
-            "new": _reward(key, planner, evaluation.simulator_dynamics_for_agent(
-                simulators[largest], new_ids[:mpc_agents].tolist()), env, shown,
-                config.episodes, config.max_steps),
-            "retrained": _reward(key, planner, evaluation.simulator_dynamics_for_agent(
-                retrained, new_ids[:mpc_agents].tolist()), env, shown, config.episodes,
-                config.max_steps),
-            "true_env_mpc": _reward(key, planner, evaluation.true_env_dynamics_for_agent(env),
-                                    env, shown, config.episodes, config.max_steps),
-        }
+        reward = _rewards(env, config, simulators[largest], retrained, covariates, mpc_agents,
+                          largest, seed)
         timing["reward"] = round(time.time() - reward_start, 2)
+    results = _record(env_name, env, dataset, preset, seed, covariates, lengths,
+                      transitions_per_agent, rmse_new, retrained_rmse, population_rmse,
+                      config.prediction_episodes, reward, simulator, transitions, persim,
+                      combined)
+    timing["total"] = round(time.time() - start, 2)
+    results["timing_s"] = timing
+    _write(results, directory)
+    return results
 
-    rmse_new = np.asarray(per_k)                                          # (len(K), agents)
-    results = {
+
+def _record(env_name, env, dataset, preset, seed, covariates, lengths, transitions_per_agent,
+            rmse_new, retrained_rmse, population_rmse, episodes, reward, simulator, transitions,
+            persim, combined) -> dict:
+    """new_agents.json's contents (the timings aside)."""
+    return {
         "env": env_name, "dataset": dataset, "preset": preset, "seed": seed,
-        "num_new_agents": num_new_agents,
+        "num_new_agents": len(covariates),
         "covariate_names": list(env.covariate_names),
         "new_agents": covariates.tolist(),
         "trajectory_lengths": lengths.tolist(),
@@ -284,7 +317,8 @@ def run_new_agents(env_name: str, dataset: str, *, preset: str = "quick", seed: 
         "rmse_retrained_per_agent": _numbers(retrained_rmse),
         "rmse_population": _mean(population_rmse),
         "rmse_population_per_agent": _numbers(population_rmse),
-        "prediction": {"episodes": episodes, "warmup": 10, "horizon": 50,
+        "prediction": {"episodes": episodes, "warmup": paper.PREDICTION_WARMUP,
+                       "horizon": paper.PREDICTION_HORIZON,
                        "policy": "the env's test policy (the paper's protocol)"},
         "reward": reward,
         "ridge": [float(x) for x in np.asarray(simulator.validation_loss)],
@@ -294,13 +328,15 @@ def run_new_agents(env_name: str, dataset: str, *, preset: str = "quick", seed: 
                      "retrained_num_agents": combined.num_agents},
         "backend": jax.default_backend(),
     }
-    timing["total"] = round(time.time() - start, 2)
-    results["timing_s"] = timing
-    run_lib.write_json(os.path.join(directory, "new_agents.json"), results)
+
+
+def _write(results: dict, directory: str) -> None:
+    """new_agents.json, .png and .md in `directory`."""
+    data.write_json(os.path.join(directory, "new_agents.json"), results)
     plot_rmse(results, os.path.join(directory, "new_agents.png"))
     write_section(results, os.path.join(directory, "new_agents.md"))
-    _say(f"[report] {os.path.join(directory, 'new_agents.json')} ({timing['total']:.0f} s)")
-    return results
+    say(f"[report] {os.path.join(directory, 'new_agents.json')} "
+        f"({results['timing_s']['total']:.0f} s)")
 
 
 # ---------------------------------------------------------------------------
@@ -347,7 +383,7 @@ def plot_rmse(results: dict, path: str) -> str:
     title = paper.DISPLAY_NAMES.get(results["env"], results["env"])
     ax.set_title(f"{title} / {results['dataset']}: {results['num_new_agents']} unseen agents")
     ax.legend(fontsize=8, loc="best")
-    return figures._save(fig, path)
+    return figures.save_figure(fig, path)
 
 
 def _text(value, digits: int = 4) -> str:
@@ -386,12 +422,11 @@ def render_section(results: dict) -> str:
 def write_section(results: dict, path: str) -> str:
     with data.atomic_write(path, "w") as handle:
         handle.write(render_section(results))
-    figures._readable(path)
     return path
 
 
 def main(argv):
-    run_lib.show_progress()
+    cli.show_progress()
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     if FLAGS.env is None:
@@ -401,7 +436,8 @@ def main(argv):
         results = run_new_agents(FLAGS.env, FLAGS.dataset, preset=FLAGS.preset,
                                  seed=FLAGS.seed, out_dir=FLAGS.out_dir,
                                  data_dir=FLAGS.data_dir, num_new_agents=FLAGS.num_new_agents,
-                                 mpc_agents=FLAGS.mpc_agents, force=FLAGS.force)
+                                 mpc_agents=FLAGS.mpc_agents, force=FLAGS.force,
+                                 overrides=cli.overrides_from_flags())
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -91,6 +91,12 @@ PAPER_PROTOCOL = dict(trials=5, num_agents=500, ensemble_size=5, epochs=300, bat
                       policy_episodes=100, cadm_iterations=100, cadm_pairs_per_epoch=None,
                       cadm_particles=20)
 
+# The prediction-error protocol (section 6): per test agent, episodes of the
+# test policy; each member predicts one step from the true state for the
+# first PREDICTION_WARMUP steps, then PREDICTION_HORIZON steps open loop.
+PREDICTION_WARMUP = 10
+PREDICTION_HORIZON = 50
+
 # quick: each env × dataset in ≤ 10 min (CartPole, MountainCar) / ≤ 20 min
 # (HalfCheetah) on 2 CPU cores, generation of the dataset included. Smaller
 # than the paper in epochs, trials, episodes; HalfCheetah also in agents

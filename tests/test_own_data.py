@@ -17,7 +17,7 @@ import warnings
 import numpy as np
 import pytest
 
-from experiments import run
+from experiments import own_data, run
 from persim_jax import Simulator
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -200,7 +200,7 @@ DRIVER = textwrap.dedent("""
     warnings.simplefilter("always")
     from persim_jax import runtime
     from absl import flags
-    from experiments import run
+    from experiments import own_data, run
     run.define_flags()
     outcomes = []
     for argv in json.loads(sys.argv[1]):
@@ -259,11 +259,11 @@ def test_allow_outliers_accepts_a_wild_value(tmp_path):
     with open(path, "w", newline="") as handle:
         csv.writer(handle).writerows(rows)
     options = dict(agent_column="patient", time_column="step", action_prefix="action_")
-    with pytest.raises(run.UserError, match="line 6"):
-        run._load_user_file(str(path), options)
+    with pytest.raises(own_data.UserError, match="line 6"):
+        own_data.load_user_file(str(path), options)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        transitions = run._load_user_file(str(path), dict(options, allow_outliers=True))
+        transitions = own_data.load_user_file(str(path), dict(options, allow_outliers=True))
     largest = max(float(np.max(transitions.obs)), float(np.max(transitions.next_obs)))
     assert largest == pytest.approx(1e30, rel=1e-6)
     assert transitions.agent_keys == tuple(sorted(IDS))

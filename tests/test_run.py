@@ -17,6 +17,9 @@ import pytest
 
 import envs
 from experiments import paper, run
+from experiments.config import UserError, resolve
+from experiments.methods_registry import METHODS
+from experiments.pipeline import run_pipeline
 from persim_jax import data, planning
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -53,15 +56,15 @@ def check_results(results, out_dir, env, dataset, figures=True):
     with open(os.path.join(directory, "report.md")) as handle:
         report_text = handle.read()
     assert "PerSim" in report_text
-    assert stored == json.loads(json.dumps(results, default=run._json_default))
+    assert stored == json.loads(json.dumps(data.jsonable(results)))
     return stored
 
 
 def test_cartpole_end_to_end_and_rerun_skips(tmp_path, caplog):
     caplog.set_level(logging.INFO)
     out_dir, data_dir = str(tmp_path / "out"), str(tmp_path / "data")
-    settings = run.resolve_settings("cartpole", "pure", "quick", TINY)
-    results = run.run_pipeline("cartpole", "pure", settings, preset="quick", seed=0,
+    settings = resolve("cartpole", "pure", "quick", TINY)
+    results = run_pipeline("cartpole", "pure", settings, preset="quick", seed=0,
                                out_dir=out_dir, data_dir=data_dir)
     stored = check_results(results, out_dir, "cartpole", "pure")
     assert stored["reward"]["true_env_mpc"] is not None
@@ -71,7 +74,7 @@ def test_cartpole_end_to_end_and_rerun_skips(tmp_path, caplog):
     assert np.all((returns >= 1) & (returns <= 12))
     caplog.clear()
 
-    again = run.run_pipeline("cartpole", "pure", settings, preset="quick", seed=0,
+    again = run_pipeline("cartpole", "pure", settings, preset="quick", seed=0,
                              out_dir=out_dir, data_dir=data_dir)
     printed = caplog.text
     caplog.clear()
@@ -80,8 +83,8 @@ def test_cartpole_end_to_end_and_rerun_skips(tmp_path, caplog):
     assert again["reward"] == results["reward"]
 
     # A changed planner setting redoes the reward stage only.
-    changed = run.resolve_settings("cartpole", "pure", "quick", dict(TINY, candidates=8))
-    third = run.run_pipeline("cartpole", "pure", changed, preset="quick", seed=0,
+    changed = resolve("cartpole", "pure", "quick", dict(TINY, candidates=8))
+    third = run_pipeline("cartpole", "pure", changed, preset="quick", seed=0,
                              out_dir=out_dir, data_dir=data_dir)
     printed = caplog.text
     assert "[train] trial 0: reusing" in printed and "[prediction] reusing" in printed
@@ -90,8 +93,8 @@ def test_cartpole_end_to_end_and_rerun_skips(tmp_path, caplog):
 
     # A method's numbers do not depend on which other methods ran beside it:
     # PerSim alone, everything recomputed, gives the same rows.
-    alone = run.resolve_settings("cartpole", "pure", "quick", dict(TINY, true_env_mpc=False))
-    fourth = run.run_pipeline("cartpole", "pure", alone, preset="quick", seed=0,
+    alone = resolve("cartpole", "pure", "quick", dict(TINY, true_env_mpc=False))
+    fourth = run_pipeline("cartpole", "pure", alone, preset="quick", seed=0,
                               out_dir=str(tmp_path / "alone"), data_dir=data_dir, force=True)
     assert fourth["config"]["methods"] == ["persim"]
     for section in ("prediction", "reward"):
@@ -100,10 +103,10 @@ def test_cartpole_end_to_end_and_rerun_skips(tmp_path, caplog):
 
     # Adding a method to a finished run trains and evaluates only that method.
     caplog.clear()
-    more = run.resolve_settings("cartpole", "pure", "quick",
+    more = resolve("cartpole", "pure", "quick",
                                 dict(TINY, candidates=8,       # the third run's settings
                                      methods=["persim", "true_env_mpc", "population"]))
-    fifth = run.run_pipeline("cartpole", "pure", more, preset="quick", seed=0,
+    fifth = run_pipeline("cartpole", "pure", more, preset="quick", seed=0,
                              out_dir=out_dir, data_dir=data_dir)
     printed = caplog.text
     assert "[train] trial 0: reusing" in printed and "[train] trial 0: population" in printed
@@ -119,7 +122,7 @@ def test_cartpole_end_to_end_and_rerun_skips(tmp_path, caplog):
     caplog.clear()
     moved = str(tmp_path / "moved")
     shutil.copytree(data_dir, moved)
-    sixth = run.run_pipeline("cartpole", "pure", more, preset="quick", seed=0,
+    sixth = run_pipeline("cartpole", "pure", more, preset="quick", seed=0,
                              out_dir=out_dir, data_dir=moved)
     printed = caplog.text
     assert printed.count("[train] trial 0: reusing") == 2 and ": persim, " not in printed
@@ -129,12 +132,12 @@ def test_cartpole_end_to_end_and_rerun_skips(tmp_path, caplog):
 
 def test_halfcheetah_end_to_end(tmp_path):
     out_dir, data_dir = str(tmp_path / "out"), str(tmp_path / "data")
-    settings = run.resolve_settings("halfcheetah", "random", "quick",
+    settings = resolve("halfcheetah", "random", "quick",
                                     dict(TINY, num_agents=8, candidates=8, horizon=3,
                                          cem_rounds=1, cem_elites=3, max_steps=4))
     assert settings.true_env_mpc is False          # the quick preset's choice for MJX
     # The figures are the CartPole test's (their code does not depend on the env).
-    results = run.run_pipeline("halfcheetah", "random", settings, preset="quick", seed=0,
+    results = run_pipeline("halfcheetah", "random", settings, preset="quick", seed=0,
                                out_dir=out_dir, data_dir=data_dir, skip=("plots",))
     stored = check_results(results, out_dir, "halfcheetah", "random", figures=False)
     assert stored["reward"]["true_env_mpc"] is None
@@ -153,9 +156,9 @@ def test_user_data_trains_and_reports_validation(tmp_path):
     path = str(tmp_path / "mine.npz")
     data.save_npz(path, transitions)
     out_dir = str(tmp_path / "out")
-    settings = run.resolve_settings(None, path, "quick", dict(epochs=3, ensemble_size=2,
+    settings = resolve(None, path, "quick", dict(epochs=3, ensemble_size=2,
                                                              state_hidden=(16,)))
-    results = run.run_pipeline(None, path, settings, preset="quick", seed=0, out_dir=out_dir,
+    results = run_pipeline(None, path, settings, preset="quick", seed=0, out_dir=out_dir,
                                data_dir=str(tmp_path / "data"))
     directory = os.path.join(out_dir, "custom", "mine")
     assert results["prediction"] is None and results["reward"] is None
@@ -219,54 +222,54 @@ def test_cli_rejects_nan_dataset_without_output(tmp_path):
 
 
 def test_all_methods_leave_true_env_mpc_to_the_preset():
-    available = tuple(run.METHODS)
-    cheetah = run.resolve_settings("halfcheetah", "random", "quick", dict(methods=["all"]))
+    available = tuple(METHODS)
+    cheetah = resolve("halfcheetah", "random", "quick", dict(methods=["all"]))
     assert "true_env_mpc" not in cheetah.method_names(available)        # quick: off
     assert "bcq_a" in cheetah.method_names(available)
-    asked = run.resolve_settings("halfcheetah", "random", "quick",
+    asked = resolve("halfcheetah", "random", "quick",
                                  dict(methods=["all", "true_env_mpc"]))
     assert "true_env_mpc" in asked.method_names(available)
-    cartpole = run.resolve_settings("cartpole", "pure", "quick", dict(methods=["all"]))
+    cartpole = resolve("cartpole", "pure", "quick", dict(methods=["all"]))
     assert cartpole.method_names(available) == available
 
 
 def test_settings_follow_the_envs_normalisation_and_schedule():
-    cartpole = run.resolve_settings("cartpole", "pure", "quick")
+    cartpole = resolve("cartpole", "pure", "quick")
     assert cartpole.standardize is False                    # the authors' raw CartPole
     assert cartpole.lr_halving_epochs == 50 and cartpole.batch_size == 64
-    assert run.resolve_settings("cartpole", "pure", "paper").batch_size == 64
-    assert run.resolve_settings("mountaincar", "pure", "paper").batch_size == 32
-    assert run.resolve_settings("mountaincar", "pure", "quick").standardize is False  # raw, as the authors
-    assert run.resolve_settings("halfcheetah", "pure", "paper").batch_size == 256
-    assert run.resolve_settings("halfcheetah", "random", "paper").standardize is True
-    assert run.resolve_settings("mountaincar", "random", "paper").lr_halving_epochs == 150
-    overridden = run.resolve_settings("cartpole", "pure", "quick",
+    assert resolve("cartpole", "pure", "paper").batch_size == 64
+    assert resolve("mountaincar", "pure", "paper").batch_size == 32
+    assert resolve("mountaincar", "pure", "quick").standardize is False  # raw, as the authors
+    assert resolve("halfcheetah", "pure", "paper").batch_size == 256
+    assert resolve("halfcheetah", "random", "paper").standardize is True
+    assert resolve("mountaincar", "random", "paper").lr_halving_epochs == 150
+    overridden = resolve("cartpole", "pure", "quick",
                                       dict(standardize=True, lr_halving_epochs=0))
     assert overridden.standardize is True and overridden.lr_halving_epochs is None
-    with pytest.raises(run.UserError, match="lr_halving_epochs"):
-        run.resolve_settings("cartpole", "pure", "quick", dict(lr_halving_epochs=-1))
+    with pytest.raises(UserError, match="lr_halving_epochs"):
+        resolve("cartpole", "pure", "quick", dict(lr_halving_epochs=-1))
 
 
 def test_planner_setting_picks_the_paper_planner_or_icem():
     cheetah, cartpole = envs.make("halfcheetah"), envs.make("cartpole")
-    paper_cem = run.resolve_settings("halfcheetah", "random", "paper").planner_config(cheetah)
+    paper_cem = resolve("halfcheetah", "random", "paper").planner_config(cheetah)
     assert isinstance(paper_cem, planning.CEMConfig) and paper_cem.num_samples == 200
     # --planner=icem: a quarter of the paper CEM's sequences per plan.
-    icem = run.resolve_settings("halfcheetah", "random", "paper",
+    icem = resolve("halfcheetah", "random", "paper",
                                 dict(planner="icem")).planner_config(cheetah)
     assert isinstance(icem, planning.ICEMConfig) and icem.horizon == paper_cem.horizon
     assert icem.sequences_per_plan() <= 0.25 * 200 * 6 < icem.sequences_per_plan() + 5
     # iCEM at the quick CEM's cost (50 samples × 3 rounds, horizon 10).
-    quick = run.resolve_settings("halfcheetah", "random", "quick",
+    quick = resolve("halfcheetah", "random", "quick",
                                  dict(planner="icem", candidates=46)).planner_config(cheetah)
     assert isinstance(quick, planning.ICEMConfig) and (quick.num_samples, quick.horizon) == (46, 10)
     assert quick.sequences_per_plan() <= 150
-    assert isinstance(run.resolve_settings("halfcheetah", "random", "quick").planner_config(cheetah),
+    assert isinstance(resolve("halfcheetah", "random", "quick").planner_config(cheetah),
                       planning.CEMConfig)
     with pytest.raises(ValueError, match="fraction"):
         paper.icem_config(cheetah, 0.0)
-    with pytest.raises(run.UserError, match="discrete actions"):
-        run.resolve_settings("cartpole", "pure", "quick",
+    with pytest.raises(UserError, match="discrete actions"):
+        resolve("cartpole", "pure", "quick",
                              dict(planner="icem")).planner_config(cartpole)
-    with pytest.raises(run.UserError, match="--planner"):
-        run.resolve_settings("cartpole", "pure", "quick", dict(planner="mppi"))
+    with pytest.raises(UserError, match="--planner"):
+        resolve("cartpole", "pure", "quick", dict(planner="mppi"))

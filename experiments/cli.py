@@ -1,0 +1,154 @@
+"""What the experiments' command lines share: the run config's flags, the
+own-data loader's flags, progress lines, and the one-line error exit.
+
+Flags are defined only when a command runs as a program (`define_*` from its
+`__main__` block): several experiments modules define `--env`, and tests import
+them side by side.
+"""
+
+from __future__ import annotations
+
+import logging as std_logging
+import os
+import sys
+from typing import Callable
+
+from absl import flags, logging
+
+import envs
+from experiments import config as config_lib
+from experiments import paper
+from experiments.config import RunConfig, UserError
+from experiments.own_data import LOADER_DEFAULTS
+
+FLAGS = flags.FLAGS
+
+
+def define_training_flags() -> None:
+    """Flags of PerSim's training and the generated dataset's size."""
+    flags.DEFINE_integer("trials", None, "Independent training seeds (paper: 5).")
+    flags.DEFINE_integer("num_agents", None, "Agents in a generated dataset (paper: 500).")
+    flags.DEFINE_string("rank", None, "Latent factors r, or 'auto' (chosen by validation).")
+    flags.DEFINE_integer("ensemble_size", None, "Ensemble members M (paper: 5).")
+    flags.DEFINE_integer("epochs", None, "Training epochs (paper: 300).")
+    flags.DEFINE_integer("batch_size", None,
+                         "Minibatch size (paper: 256; here CartPole 64, MountainCar 32).")
+    flags.DEFINE_float("learning_rate", None, "Adam step size (paper: 1e-3).")
+    flags.DEFINE_integer("lr_halving_epochs", None,
+                         "Halve the step size every this many epochs (paper: 150); 0 keeps it "
+                         "constant.")
+    flags.DEFINE_bool("standardize", None,
+                      "Standardise model inputs and Δ targets (default: raw for CartPole and "
+                      "MountainCar, as the authors' code; standardised for HalfCheetah and "
+                      "your own data).")
+    flags.DEFINE_list("state_hidden", None, "Hidden sizes of the state encoder, e.g. 256,512,512.")
+    flags.DEFINE_list("action_hidden", None,
+                      "Hidden sizes of the continuous action encoder (paper: 256,256).")
+
+
+def define_planner_flags() -> None:
+    """Flags of the planner and the evaluation protocol."""
+    flags.DEFINE_enum("planner", None, list(config_lib.PLANNER_KINDS),
+                      "paper: random shooting / CEM as the paper; icem: iCEM (continuous "
+                      "actions) at a quarter of the paper CEM's model evaluations.")
+    flags.DEFINE_integer("candidates", None,
+                         "Random-shooting candidates (paper: 1000), CEM samples (paper: 200) or "
+                         "iCEM's first population.")
+    flags.DEFINE_integer("horizon", None, "Planning horizon (paper: 30; MountainCar 50).")
+    flags.DEFINE_integer("cem_rounds", None, "CEM refinement rounds after the first (paper: 5).")
+    flags.DEFINE_integer("cem_elites", None, "CEM elites (paper: 50).")
+    flags.DEFINE_enum("aggregation", None, ["min", "mean"],
+                      "Ensemble aggregation of candidate returns (paper: min).")
+    flags.DEFINE_float("discount", None, "Planning discount (paper: 0.93).")
+    flags.DEFINE_integer("episodes", None, "MPC episodes per test agent and trial (paper: 20).")
+    flags.DEFINE_integer("max_steps", None, "Steps per MPC episode (default: the env's cap).")
+    flags.DEFINE_integer("prediction_episodes", None,
+                         "Episodes per test agent of the prediction-error test (paper: 200).")
+    flags.DEFINE_integer("open_loop_steps", None,
+                         "Own data: k of the held-out k-step open-loop error (default 10).")
+
+
+def define_method_flags(method_names) -> None:
+    """Flags choosing the compared methods and the baselines' sizes."""
+    flags.DEFINE_bool("true_env_mpc", None, "Also plan on the true physics (the upper-bound row).")
+    flags.DEFINE_list("methods", None,
+                      f"Methods to compare: {', '.join(method_names)}, or all (default: persim, "
+                      f"and true_env_mpc unless --notrue_env_mpc).")
+    flags.DEFINE_integer("bcq_iterations", None, "BCQ gradient steps (paper: 5.5e5).")
+    flags.DEFINE_integer("cadm_iterations", None,
+                         "CaDM fits of <= 5 epochs each (paper: 100).")
+    flags.DEFINE_integer("cadm_pairs_per_epoch", None,
+                         "(context, transition) pairs per CaDM epoch (default: all).")
+    flags.DEFINE_integer("cadm_particles", None,
+                         "PE-TS CaDM particles when planning (paper: 20).")
+    flags.DEFINE_integer("policy_episodes", None,
+                         "Episodes per test agent of the model-free methods (paper: 100).")
+
+
+def define_config_flags(method_names) -> None:
+    """A flag for every `RunConfig` field (None: the preset's value)."""
+    define_training_flags()
+    define_planner_flags()
+    define_method_flags(method_names)
+    missing = set(config_lib.OVERRIDABLE) - set(FLAGS)
+    assert not missing, f"RunConfig fields without a flag: {sorted(missing)}"
+
+
+def define_loader_flags() -> None:
+    """Own data in long format (.csv / .parquet): which columns hold what."""
+    flags.DEFINE_string("agent_column", "agent_id",
+                        "Own data: the agent id column (any ids, e.g. adult#001; mapped to "
+                        "0..N-1, and every per-agent output keeps your ids).")
+    flags.DEFINE_string("time_column", "time",
+                        "Own data: the time-step column; '' if the rows of each agent are in "
+                        "time order.")
+    flags.DEFINE_string("state_prefix", "obs_", "Own data: state columns start with this.")
+    flags.DEFINE_string("action_prefix", "action", "Own data: action columns start with this.")
+    flags.DEFINE_string("covariate_prefix", "cov_",
+                        "Own data: covariate columns (one value per agent, repeated on its "
+                        "rows) start with this; '' for none.")
+    flags.DEFINE_bool("discrete_actions", None,
+                      "Own data: the one action column holds discrete actions 0..K-1 "
+                      "(default: inferred, discrete when every value is an integer).")
+    flags.DEFINE_bool("allow_outliers", False,
+                      "Own data: accept values more than 1e6 times their column's typical "
+                      "magnitude (by default an error naming the line and column).")
+
+
+def overrides_from_flags() -> dict:
+    """The `RunConfig` fields the command line sets (None: the preset's), of
+    the flags this command defines."""
+    return {name: FLAGS[name].value for name in config_lib.OVERRIDABLE if name in FLAGS}
+
+
+def settings_from_flags(env_name, dataset: str, preset: str) -> RunConfig:
+    """The run's config: the preset, then every flag given."""
+    return config_lib.resolve(env_name, dataset, preset, overrides_from_flags())
+
+
+def loader_options_from_flags() -> dict:
+    return {name: getattr(FLAGS, name) for name in LOADER_DEFAULTS}
+
+
+def show_progress() -> None:
+    """Our progress lines at INFO; the libraries' INFO lines (orbax logs every
+    checkpoint) hidden unless --verbosity is given."""
+    if not FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.INFO)
+        import persim_jax
+
+        ours = tuple(os.path.dirname(os.path.abspath(module.__file__)) + os.sep
+                     for module in (persim_jax, envs, paper))
+        # Python's level numbers: absl's logging.WARNING is on its own scale (-1).
+        logging.get_absl_handler().addFilter(
+            lambda record: (record.levelno >= std_logging.WARNING
+                            or os.path.abspath(record.pathname).startswith(ours)))
+
+
+def exit_on_user_error(body: Callable[[], int]) -> int:
+    """Runs `body`; a UserError is printed in one line and exits with 2."""
+    try:
+        return body()
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
