@@ -143,6 +143,35 @@ def _relative_rmse(rmse: np.ndarray, spread: np.ndarray) -> np.ndarray:
     return np.sqrt(np.mean((rmse[..., usable] / spread[usable]) ** 2, axis=-1))
 
 
+def _scores(predictors, transitions, windows, steps, spread, ids, per_agent):
+    """(per_dimension, summary, relative_by_agent) of every predictor and
+    horizon; fills `per_agent`'s rows in place."""
+    per_dimension, summary, relative_by_agent = {}, {}, {}
+    with np.errstate(invalid="ignore", divide="ignore"):
+        for name, (model, pooled) in predictors.items():
+            per_dimension[name], summary[name] = {}, {}
+            for horizon in ("one_step", "open_loop"):
+                sums, counts = _errors(model, pooled, transitions, windows[horizon],
+                                       steps[horizon])
+                rmse = np.sqrt(sums / counts[:, None])                          # (N, D)
+                relative = rmse / np.where(spread > 0, spread, np.nan)
+                agent_relative = _relative_rmse(rmse, spread)                   # (N,)
+                relative_by_agent[name, horizon] = agent_relative
+                for i, key in enumerate(ids):
+                    per_agent[key].setdefault(name, {})[horizon] = {
+                        "rmse": _finite_or_none(rmse[i]),
+                        "relative": _finite_or_none(relative[i]),
+                        "relative_rmse": _finite_or_none(agent_relative[i])[0]}
+                pooled_rmse = np.sqrt(sums.sum(0) / counts.sum())                # (D,)
+                per_dimension[name][horizon] = {
+                    "rmse": _finite_or_none(pooled_rmse),
+                    "relative": _finite_or_none(pooled_rmse / np.where(spread > 0, spread,
+                                                                       np.nan))}
+                finite = agent_relative[np.isfinite(agent_relative)]
+                summary[name][horizon] = float(finite.mean()) if finite.size else None
+    return per_dimension, summary, relative_by_agent
+
+
 def evaluate(models: Mapping[str, Simulator], transitions: Transitions, held_out: np.ndarray,
              spread, *, open_loop_steps: int = DEFAULT_OPEN_LOOP_STEPS) -> dict:
     """The personalisation report's numbers (results.json "validation").
@@ -185,29 +214,8 @@ def evaluate(models: Mapping[str, Simulator], transitions: Transitions, held_out
                                       minlength=len(ids)),
                      np.bincount(np.asarray(transitions.agent_id)[windows["open_loop"]],
                                  minlength=len(ids)))}
-    per_dimension, summary, relative_by_agent = {}, {}, {}
-    with np.errstate(invalid="ignore", divide="ignore"):
-        for name, (model, pooled) in predictors.items():
-            per_dimension[name], summary[name] = {}, {}
-            for horizon in ("one_step", "open_loop"):
-                sums, counts = _errors(model, pooled, transitions, windows[horizon],
-                                       steps[horizon])
-                rmse = np.sqrt(sums / counts[:, None])                          # (N, D)
-                relative = rmse / np.where(spread > 0, spread, np.nan)
-                agent_relative = _relative_rmse(rmse, spread)                   # (N,)
-                relative_by_agent[name, horizon] = agent_relative
-                for i, key in enumerate(ids):
-                    per_agent[key].setdefault(name, {})[horizon] = {
-                        "rmse": _finite_or_none(rmse[i]),
-                        "relative": _finite_or_none(relative[i]),
-                        "relative_rmse": _finite_or_none(agent_relative[i])[0]}
-                pooled_rmse = np.sqrt(sums.sum(0) / counts.sum())                # (D,)
-                per_dimension[name][horizon] = {
-                    "rmse": _finite_or_none(pooled_rmse),
-                    "relative": _finite_or_none(pooled_rmse / np.where(spread > 0, spread,
-                                                                       np.nan))}
-                finite = agent_relative[np.isfinite(agent_relative)]
-                summary[name][horizon] = float(finite.mean()) if finite.size else None
+    per_dimension, summary, relative_by_agent = _scores(predictors, transitions, windows, steps,
+                                                        spread, ids, per_agent)
     return {
         "split": (f"time-ordered: the last {100 * HELD_OUT_FRACTION:.0f} % of each agent's "
                   f"trajectory held out, the first {100 * (1 - HELD_OUT_FRACTION):.0f} % "

@@ -326,22 +326,15 @@ def train(
         actions before learning starts.
       eval_every: vectorised steps between evaluations.
       eval_episodes: deterministic episodes per agent at each evaluation.
-      init_state: optional dict with stacked `actor`, `critic` params (e.g.
-        from a previous run's `checkpoint_fn`) to start from; their target
-        networks start equal to them and the buffer starts empty, filled
-        during `learning_starts` with the actor's noisy actions (not uniform
-        ones).
-      init_best: optional (stacked actors, (K,) returns) to beat: an agent's
-        best is replaced only by a better evaluation.
-      max_seconds: wall-clock budget: training stops after the first
-        evaluation past it (None: run all num_timesteps).
-      stop_returns: optional (K,) returns at which to stop early, once every
-        agent's best evaluation has reached its own.
-      progress_fn: called as progress_fn(step, metrics) after each
-        evaluation; metrics has `returns` (K,), `best_returns` (K,),
-        `critic_loss` (K,), `q_mean` (K,), `elapsed_s`.
-      checkpoint_fn: called as checkpoint_fn(best_actors, best_returns,
-        {"actor", "critic"}) after each evaluation that improved an agent.
+      init_state: stacked `actor`, `critic` params to start from (targets
+        equal to them; the empty buffer fills with the actor's noisy actions).
+      init_best: (stacked actors, (K,) returns) to beat.
+      max_seconds: stop after the first evaluation past this budget.
+      stop_returns: (K,) returns at which to stop, once every agent reached its own.
+      progress_fn: progress_fn(step, metrics) after each evaluation; metrics:
+        `returns`, `best_returns`, `critic_loss`, `q_mean` (K,), `elapsed_s`.
+      checkpoint_fn: checkpoint_fn(best_actors, best_returns, {"actor",
+        "critic"}) after each evaluation that improved an agent.
 
     Returns:
       (best_actors, best_returns, history): actor params stacked over K, the
