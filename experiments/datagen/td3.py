@@ -328,8 +328,8 @@ def train(
       eval_episodes: deterministic episodes per agent at each evaluation.
       init_state: stacked `actor`, `critic` params to start from (targets
         equal to them; the empty buffer fills with the actor's noisy actions).
-      init_best: (stacked actors, (K,) returns) to beat.
-      max_seconds: stop after the first evaluation past this budget.
+      init_best: (stacked actors, (K,) returns) to beat. max_seconds: stop
+        after the first evaluation past this budget.
       stop_returns: (K,) returns at which to stop, once every agent reached its own.
       progress_fn: progress_fn(step, metrics) after each evaluation; metrics:
         `returns`, `best_returns`, `critic_loss`, `q_mean` (K,), `elapsed_s`.
