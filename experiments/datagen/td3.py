@@ -322,15 +322,14 @@ def train(
       actor_learning_rate, critic_learning_rate, batch_size, buffer_size,
       discount, tau, exploration_noise, policy_noise, noise_clip,
       policy_delay: TD3's (paper defaults).
-      learning_starts: transitions per agent taken with uniformly random
-        actions before learning starts.
+      learning_starts: transitions per agent with uniformly random actions first.
       eval_every: vectorised steps between evaluations.
       eval_episodes: deterministic episodes per agent at each evaluation.
       init_state: stacked `actor`, `critic` params to start from (targets
         equal to them; the empty buffer fills with the actor's noisy actions).
       init_best: (stacked actors, (K,) returns) to beat. max_seconds: stop
-        after the first evaluation past this budget.
-      stop_returns: (K,) returns at which to stop, once every agent reached its own.
+        after the first evaluation past this budget. stop_returns: (K,)
+        returns at which to stop, once every agent reached its own.
       progress_fn: progress_fn(step, metrics) after each evaluation; metrics:
         `returns`, `best_returns`, `critic_loss`, `q_mean` (K,), `elapsed_s`.
       checkpoint_fn: checkpoint_fn(best_actors, best_returns, {"actor",
