@@ -24,7 +24,7 @@ layer of the paper's network (state encoder, and the action encoder for
 continuous actions; the one-hot agent and action encoders are lookups) plus
 the rank contraction; `model_flops_per_s` is the rate that implies.
 `executed_flops_per_transition` is what the planner actually computes after
-hoisting candidate-independent work (`planning.simulator_dynamics`: for
+hoisting candidate-independent work (`persim_jax.dynamics.simulator_dynamics`: for
 discrete actions the action factor is folded into the output layer).
 `matmul_flops_per_s` is the best float32 dense matmul rate (2048³ and
 1000 × 512 × 512) timed right after each of the planner's repeats, the
@@ -55,6 +55,7 @@ import envs
 from benchmarks.common import best_time, emit, machine
 from experiments import paper
 from persim_jax import model, planning
+from persim_jax.dynamics import simulator_dynamics
 
 SETTINGS = ("cartpole", "mountaincar", "halfcheetah")
 NUM_AGENTS = 500
@@ -153,7 +154,7 @@ def measure(name: str, num_plans: int, repeats: int, matmul_rate: float | None,
     rounds = 1 if discrete else 1 + config.num_rounds
 
     def one_plan(key, state, obs, agent_id):
-        dynamics = planning.simulator_dynamics(simulator, agent_id)
+        dynamics = simulator_dynamics(simulator, agent_id)
         return planner.plan(key, state, obs, dynamics)
 
     keys = jax.random.split(jax.random.PRNGKey(1), num_plans)

@@ -39,6 +39,7 @@ from benchmarks.common import machine, simulator_path
 from experiments import paper
 from experiments.datagen import datasets
 from persim_jax import Simulator, data, evaluation, planning
+from persim_jax.dynamics import simulator_dynamics_for_agent
 
 _ENV = flags.DEFINE_string("env", "halfcheetah", "A continuous-action environment.")
 _DATASET = flags.DEFINE_string("dataset", "random", "Dataset of the simulator.")
@@ -189,7 +190,7 @@ def main(argv):
             start = time.perf_counter()
             returns = evaluation.run_episodes(
                 jax.random.fold_in(jax.random.PRNGKey(_SEED.value), agent), planner,
-                evaluation.simulator_dynamics_for_agent(simulator, [agent]), env,
+                simulator_dynamics_for_agent(simulator, [agent]), env,
                 covariates[agent:agent + 1], 1, max_steps=steps)
             seconds = time.perf_counter() - start
             row = {**identity, "planner": name, "budget_fraction": fraction,

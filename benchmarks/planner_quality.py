@@ -39,6 +39,7 @@ from experiments import config as config_lib
 from experiments import paper
 from experiments.datagen import datasets
 from persim_jax import Simulator, planning
+from persim_jax.dynamics import simulator_dynamics
 
 _ENV = flags.DEFINE_string("env", "halfcheetah", "A continuous-action environment.")
 _DATASET = flags.DEFINE_string("dataset", "random", "Dataset of the start states.")
@@ -68,7 +69,7 @@ def measure(planner, objective_config, simulator, env, agents, states, seed: int
 
     @jax.jit
     def one(key, agent, obs):
-        dynamics = planning.simulator_dynamics(simulator, agent)
+        dynamics = simulator_dynamics(simulator, agent)
         sequence, _ = planner.sequence(key, planner.init(), obs, dynamics)
         score = planning.score_sequences(dynamics, env.reward, env.terminated, obs,
                                          sequence[None], objective_config)

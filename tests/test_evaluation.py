@@ -104,8 +104,10 @@ SHARDING_SCRIPT = textwrap.dedent("""
     np.testing.assert_array_equal(four, at_once)
     assert four.shape == (3, 3) and len(np.unique(four)) > 1, four
     # One program per device: no collective anywhere in the compiled step loop.
-    program = evaluation._compiled_episodes(
-        planner, evaluation._split_static(dynamics)[1], env, 60, 1, tuple(jax.devices()))
+    from persim_jax.evaluation import episodes
+    actor = evaluation.PlannerActorForAgent(planner, dynamics)
+    program = episodes.compiled_episodes(
+        episodes.split_static(actor)[1], env, 60, 1, tuple(jax.devices()))
     hlo = program.lower([], np.zeros(12, np.int32), np.zeros((12, 2), np.float32),
                         np.zeros((12, 2), np.uint32)).compile().as_text()
     for op in ("all-gather", "all-reduce", "all-to-all", "collective-permute"):

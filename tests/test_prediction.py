@@ -23,7 +23,8 @@ from sklearn.metrics import r2_score
 
 import envs
 from experiments.datagen import policies
-from persim_jax import evaluation
+from persim_jax import dynamics, evaluation
+from persim_jax.evaluation import prediction
 from persim_jax.model import ModelConfig
 
 
@@ -65,11 +66,14 @@ class TrueDynamics:
         return members.astype(jnp.float32) + self.bias[:, None]
 
 
-def true_dynamics(env, covariates, bias):
+def true_dynamics(env, covariates, bias, agent_ids=None):
+    """The dynamics_for_agent of a `TrueDynamics` ensemble, row i -> agent_ids[i]
+    (default agent i), as the protocol runs a Simulator."""
     bias = jnp.asarray(bias, jnp.float32)
     config = ModelConfig(num_agents=len(covariates), obs_dim=env.obs_dim, rank=1,
                          num_actions=env.num_actions)
-    return TrueDynamics(jnp.asarray(covariates, jnp.float32), bias, env, config)
+    ensemble = TrueDynamics(jnp.asarray(covariates, jnp.float32), bias, env, config)
+    return dynamics.simulator_dynamics_for_agent(ensemble, agent_ids, fold=False)
 
 
 def reference_metrics(true, predicted, valid):
@@ -104,9 +108,9 @@ def test_exact_simulator_has_zero_error(mountaincar):
     np.testing.assert_array_less(err.rmse, 1e-5)
     np.testing.assert_allclose(err.r2, 1.0, atol=1e-5)
     # The true physics of another agent is a wrong model: agent_ids are used.
-    wrong = evaluation.prediction_error(jax.random.PRNGKey(0), sim, env, policy,
-                                        env.test_agents, agent_ids=[4, 3, 2, 1, 0],
-                                        num_episodes=3)
+    other = true_dynamics(env, env.test_agents, np.zeros((2, 2)), agent_ids=[4, 3, 2, 1, 0])
+    wrong = evaluation.prediction_error(jax.random.PRNGKey(0), other, env, policy,
+                                        env.test_agents, num_episodes=3)
     assert np.all(wrong.rmse[[0, 1, 3, 4]] > 1e-3)
 
 
@@ -215,9 +219,9 @@ def test_repeated_calls_do_not_recompile(mountaincar):
         key, true_dynamics(env, env.test_agents, bias), env, policies.test_policy(env, epsilon=eps),
         env.test_agents[:2], num_episodes=2, warmup=2, horizon=3)
     run(jax.random.PRNGKey(0), np.zeros((2, 2)), None)
-    size = evaluation._prediction_error_jit._cache_size()
+    size = prediction._prediction_error_jit._cache_size()
     run(jax.random.PRNGKey(1), np.ones((2, 2)), 0.5)
-    assert evaluation._prediction_error_jit._cache_size() == size
+    assert prediction._prediction_error_jit._cache_size() == size
 
 
 def test_input_validation(mountaincar, cartpole):
@@ -235,7 +239,10 @@ def test_input_validation(mountaincar, cartpole):
     ]
     for kwargs, match in cases:
         with pytest.raises(ValueError, match=match):
-            evaluation.prediction_error(key, sim, env, policy, agents, **kwargs)
+            kwargs = dict(kwargs)
+            ids = kwargs.pop("agent_ids", None)
+            model = sim if ids is None else true_dynamics(env, agents, np.zeros((2, 2)), ids)
+            evaluation.prediction_error(key, model, env, policy, agents, **kwargs)
     with pytest.raises(ValueError, match="epsilon"):
         policies.test_policy(env, epsilon=1.5)
     with pytest.raises(ValueError, match="covariates"):
@@ -246,6 +253,7 @@ def test_input_validation(mountaincar, cartpole):
         evaluation.prediction_trajectories(key, sim, env, policy, np.tile(agents[:3], (2, 1)))
     cp_env, cp_policy = cartpole
     with pytest.raises(ValueError, match="simulator"):
-        evaluation.prediction_error(key, sim, cp_env, cp_policy, cp_env.test_agents[:2], [0, 1])
+        evaluation.prediction_error(key, true_dynamics(env, agents, np.zeros((2, 2)), [0, 1]),
+                                    cp_env, cp_policy, cp_env.test_agents[:2])
     with pytest.raises(ValueError, match="horizon"):
         evaluation.prediction_trajectories(key, sim, env, policy, agents, horizon=-1)
