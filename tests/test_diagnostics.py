@@ -11,6 +11,7 @@ import subprocess
 import sys
 
 import jax
+import jax.numpy as jnp
 import pytest
 
 from experiments import diagnostics
@@ -76,12 +77,17 @@ def test_mountaincar_wall(tmp_path, data_dir):
 
 
 def test_cadm_context_probe(tmp_path, data_dir):
-    # CartPole / random: short episodes, so 105 agents are a few thousand rows.
+    # CartPole / random: short episodes, so 105 agents are a few thousand rows. The probe
+    # reads a saved model's encoder, trained or not: an initialised one keeps this test short.
     transitions, _ = datasets.load_or_generate("cartpole", "random", data_dir=data_dir,
                                                num_agents=105)
-    config = cadm.CaDMConfig(iterations=1, epochs=1, pairs_per_epoch=256, hidden=(16,),
-                             encoder_hidden=(16,), batch_size=64)
-    model = cadm.fit(transitions, config, key=jax.random.PRNGKey(0), progress=False)
+    config = cadm.CaDMConfig(hidden=(16,), encoder_hidden=(16,))
+    model = cadm.CaDMModel(
+        params=cadm.init_params(jax.random.PRNGKey(0), config, transitions.obs_dim,
+                                transitions.num_actions),
+        stats=cadm.compute_stats(cadm.pair_data(transitions, config), transitions.discrete),
+        validation_loss=jnp.zeros(config.ensemble_size), config=config,
+        obs_dim=transitions.obs_dim, num_actions=transitions.num_actions)
     run_dir = tmp_path / "run"
     (run_dir / "cartpole" / "random").mkdir(parents=True)
     model.save(run_dir / "cartpole" / "random" / "vanilla_cadm_trial0.msgpack")
