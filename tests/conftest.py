@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 import envs
-from persim_jax import data, train
+from persim_jax import data
+from persim_jax.persim import train
 
 
 def collect_random_actions(env_name: str, key: jax.Array, num_agents: int, steps: int):

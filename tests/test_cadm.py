@@ -44,7 +44,7 @@ def _agent_contexts(model: cadm.CaDMModel, transitions) -> np.ndarray:
     data = cadm.pair_data(transitions, model.config)
     order, _ = cadm.path_rows(transitions)
     agent = np.asarray(transitions.agent_id)[order]
-    history = cadm._gather_history(data, jnp.arange(data.obs.shape[0]))
+    history = cadm.gather_history(data, jnp.arange(data.obs.shape[0]))
     encoder = jax.tree.map(lambda leaf: leaf[0], model.params["members"]["encoder"])
     contexts = np.asarray(cadm.encode_context(encoder, history))
     enough = np.asarray(data.history[:, 2] >= 0)
@@ -92,7 +92,7 @@ def test_observe_builds_the_training_history(cartpole_data, vanilla):
     obs, next_obs = np.asarray(data.obs), np.asarray(data.next_obs)
     action = np.asarray(transitions.action)[order]
     for t, row in enumerate(rows[:13]):
-        expected = cadm._gather_history(data, jnp.asarray([row]))[0]
+        expected = cadm.gather_history(data, jnp.asarray([row]))[0]
         np.testing.assert_allclose(cadm.flat_history(context.deltas, context.actions), expected,
                                    rtol=1e-6, atol=1e-7, err_msg=f"step {t}")
         context = model.observe(context, obs[row], action[row], next_obs[row])
@@ -125,7 +125,7 @@ def test_context_tells_agents_apart(cartpole_data, vanilla):
 
     def error(context_rows):
         context = cadm.encode_context(member["encoder"],
-                                      cadm._gather_history(data, jnp.asarray(context_rows)))
+                                      cadm.gather_history(data, jnp.asarray(context_rows)))
         mean, _ = cadm.forward_heads(member, bounds, vanilla.stats, data.obs[strong_rows],
                                      data.action[strong_rows], context)
         predicted = data.obs[strong_rows] + mean * vanilla.stats.delta_std + vanilla.stats.delta_mean

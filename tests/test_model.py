@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 
 from experiments import paper
-from persim_jax import model
-from persim_jax.model import ModelConfig, Simulator
+from persim_jax.persim import model
+from persim_jax.persim.model import ModelConfig
+from persim_jax.persim.simulator import Simulator
 
 
 # Parameter counts of the authors' PyTorch models (docs/authors-code.md §3.2).

@@ -18,7 +18,8 @@ import pytest
 import envs
 from conftest import FIT_KEY
 from experiments.datagen import datasets
-from persim_jax import data, model, newcomers, train
+from persim_jax import data, model
+from persim_jax.persim import newcomers, train
 
 NUM_NEW = 20
 NEW_STEPS = 100

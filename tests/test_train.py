@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 
 from conftest import FIT_KEY
-from persim_jax import data, train
-from persim_jax.model import Simulator
+from persim_jax import data
+from persim_jax.persim import train
+from persim_jax.persim.simulator import Simulator
 
 
 def _validation_part(transitions, key=FIT_KEY, fraction=0.2):
@@ -170,6 +171,39 @@ def test_resume_after_interrupt_gives_identical_parameters(tmp_path, small_mount
 
     with pytest.raises(ValueError, match="checkpoint_dir.*different run.*learning_rate"):
         train.fit(transitions, checkpoint_dir=directory, **{**options, "learning_rate": 0.01})
+
+
+@pytest.mark.parametrize("damaged", ["state", "run"])
+def test_a_damaged_checkpoint_is_warned_about_and_training_starts_again(
+        tmp_path, small_mountaincar_data, caplog, damaged):
+    transitions, _ = small_mountaincar_data
+    options = dict(rank=3, key=jax.random.PRNGKey(4), ensemble_size=2, epochs=2, batch_size=64,
+                   state_hidden=(16,), progress=False)
+    directory = tmp_path / "checkpoints"
+    straight = train.fit(transitions, **options)
+    train.fit(transitions, checkpoint_dir=directory, checkpoint_every=1, **options)
+    # Garble every file of the latest step's state (or its run description),
+    # as a crash or a full disk half-way through a write would.
+    for root, _, files in os.walk(directory / "rank_3" / "2" / damaged):
+        for name in files:
+            with open(os.path.join(root, name), "wb") as handle:
+                handle.write(b"\x00garbage")
+    epochs = []
+    with caplog.at_level("WARNING"):
+        again = train.fit(transitions, checkpoint_dir=directory, checkpoint_every=1,
+                          callback=lambda m: epochs.append(m.epoch), **options)
+    warnings = [r.getMessage() for r in caplog.records if "damaged checkpoint" in r.getMessage()]
+    assert len(warnings) == 1 and str(directory / "rank_3") in warnings[0]
+    assert "\n" not in warnings[0]
+    assert epochs == [1, 2]                                        # from scratch
+    for a, b in zip(jax.tree.leaves(straight), jax.tree.leaves(again)):
+        np.testing.assert_array_equal(a, b)
+    # The fresh run's checkpoints replace the damaged ones and resume cleanly.
+    assert sorted(os.listdir(directory / "rank_3")) == ["1", "2"]
+    resumed = []
+    train.fit(transitions, checkpoint_dir=directory, checkpoint_every=1,
+              callback=resumed.append, **options)
+    assert resumed == []
 
 
 def test_rank_auto_selects_by_validation_loss(mountaincar_data):

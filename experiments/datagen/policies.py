@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import serialization, struct
 
+from persim_jax import networks
 from persim_jax.data import atomic_write
 
 Params = Any
@@ -48,17 +49,13 @@ POLICY_KINDS = ("pure", "test")
 # Networks
 
 
-class MLP(nn.Module):
-    """ReLU MLP with a linear output layer."""
+class MLP(networks.MLP):
+    """ReLU MLP with a linear output layer: `persim_jax.networks.MLP` with flax
+    `nn.Dense`'s initialisation and layer names (Dense_0, Dense_1, ...), so
+    that the shipped policy files load and act as before."""
 
-    hidden: Sequence[int]
-    out: int
-
-    @nn.compact
-    def __call__(self, x):
-        for width in self.hidden:
-            x = nn.relu(nn.Dense(width)(x))
-        return nn.Dense(self.out)(x)
+    init_scheme: str = "lecun"
+    layer_names: str = "dense"
 
 
 class QNetwork(nn.Module):
