@@ -54,7 +54,9 @@ from jax.sharding import Mesh, PartitionSpec
 import envs
 from benchmarks.common import best_time, emit, machine
 from experiments import paper
-from persim_jax import model, planning
+from persim_jax import planning
+from persim_jax.persim import model
+from persim_jax.persim.simulator import Simulator
 from persim_jax.dynamics import simulator_dynamics
 
 SETTINGS = ("cartpole", "mountaincar", "halfcheetah")
@@ -104,7 +106,7 @@ def reference_matmuls():
     return tuple(out)
 
 
-def paper_simulator(name: str, env) -> model.Simulator:
+def paper_simulator(name: str, env) -> Simulator:
     """M = 5 members of the paper's size for `env`, PyTorch-default random
     parameters, non-trivial standardisation statistics."""
     sizes = paper.model_sizes(name)
@@ -121,7 +123,7 @@ def paper_simulator(name: str, env) -> model.Simulator:
     dim = env.obs_dim
     stats = model.NormStats(jnp.zeros((dim,)), jnp.ones((dim,)), jnp.zeros((dim,)),
                             jnp.full((dim,), 0.05), *action_stats)
-    return model.Simulator(params=params, stats=stats, validation_loss=jnp.zeros(ENSEMBLE),
+    return Simulator(params=params, stats=stats, validation_loss=jnp.zeros(ENSEMBLE),
                            config=config)
 
 

@@ -5,7 +5,7 @@ CaDM and BCQ baselines.
     python -m benchmarks.train_throughput --baselines=vanilla_cadm,pe_ts_cadm,bcq_p,bcq_a
 
 Prints one JSON line per setting: training transitions per second of one
-jitted epoch of `persim_jax.train` (M ensemble members trained together, each
+jitted epoch of `persim_jax.persim.train` (M ensemble members trained together, each
 transition counted once for all M members), batch 256, for synthetic data of
 the setting's shapes (random states, actions and agent ids: the cost does not
 depend on the values). `train_transitions_per_s` times the epoch alone;
@@ -34,7 +34,9 @@ from absl import app, flags
 
 from benchmarks.common import best_time, emit, machine
 from experiments import paper
-from persim_jax import bcq, cadm, data, model, train
+from persim_jax import data
+from persim_jax.methods import bcq, cadm
+from persim_jax.persim import model, train
 
 # CartPole-like: D = 4, 2 discrete actions; HalfCheetah-like: D = 18, A = 6.
 SETTINGS = {
@@ -159,7 +161,7 @@ def measure_cadm(name: str, baseline: str, batches: int, repeats: int, steps: in
     order = jax.random.randint(jax.random.PRNGKey(2),
                                (batches, config.ensemble_size, config.batch_size), 0,
                                pairs.pairs.shape[0])
-    program = cadm._epoch_program(config)
+    program = cadm.epoch_program(config)
     fn = functools.partial(program, params, opt_state, stats, pairs, order)
     jax.block_until_ready(fn())  # compile
     seconds = best_time(fn, repeats)

@@ -20,6 +20,7 @@ from experiments import config as config_lib
 from experiments import paper
 from experiments.config import RunConfig, UserError
 from experiments.own_data import LOADER_DEFAULTS
+from persim_jax import methods
 
 FLAGS = flags.FLAGS
 
@@ -68,28 +69,24 @@ def define_planner_flags() -> None:
                          "Own data: k of the held-out k-step open-loop error (default 10).")
 
 
-def define_method_flags(method_names) -> None:
-    """Flags choosing the compared methods and the baselines' sizes."""
+def define_method_flags() -> None:
+    """Flags choosing the compared methods, the model-free methods' episodes,
+    and every method's own settings (`Method.settings`, e.g. --bcq_iterations)."""
     flags.DEFINE_bool("true_env_mpc", None, "Also plan on the true physics (the upper-bound row).")
     flags.DEFINE_list("methods", None,
-                      f"Methods to compare: {', '.join(method_names)}, or all (default: persim, "
-                      f"and true_env_mpc unless --notrue_env_mpc).")
-    flags.DEFINE_integer("bcq_iterations", None, "BCQ gradient steps (paper: 5.5e5).")
-    flags.DEFINE_integer("cadm_iterations", None,
-                         "CaDM fits of <= 5 epochs each (paper: 100).")
-    flags.DEFINE_integer("cadm_pairs_per_epoch", None,
-                         "(context, transition) pairs per CaDM epoch (default: all).")
-    flags.DEFINE_integer("cadm_particles", None,
-                         "PE-TS CaDM particles when planning (paper: 20).")
+                      f"Methods to compare: {', '.join(methods.REGISTRY)}, or all (default: "
+                      f"persim, and true_env_mpc unless --notrue_env_mpc).")
     flags.DEFINE_integer("policy_episodes", None,
                          "Episodes per test agent of the model-free methods (paper: 100).")
+    for flag, help_text in methods.setting_flags().items():
+        flags.DEFINE_integer(flag, None, help_text)
 
 
-def define_config_flags(method_names) -> None:
+def define_config_flags() -> None:
     """A flag for every `RunConfig` field (None: the preset's value)."""
     define_training_flags()
     define_planner_flags()
-    define_method_flags(method_names)
+    define_method_flags()
     missing = set(config_lib.OVERRIDABLE) - set(FLAGS)
     assert not missing, f"RunConfig fields without a flag: {sorted(missing)}"
 

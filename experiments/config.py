@@ -11,11 +11,12 @@ from the registry (`experiments.paper`) and the CLI's flags.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Mapping
 
 from experiments import paper
 from experiments.datagen.datasets import DATASETS
-from persim_jax.train import TrainConfig
+from persim_jax import methods
+from persim_jax.persim.train import TrainConfig
 
 # RunConfig field -> the planner config field it sets, for (discrete,
 # continuous) actions; None: not a setting of that planner.
@@ -35,8 +36,7 @@ ICEM_BUDGET = 0.25
 
 _POSITIVE = ("trials", "num_agents", "ensemble_size", "epochs", "batch_size", "episodes",
              "prediction_episodes", "candidates", "horizon", "cem_elites", "max_steps",
-             "bcq_iterations", "policy_episodes", "cadm_iterations", "cadm_pairs_per_epoch",
-             "cadm_particles", "open_loop_steps")
+             "policy_episodes", "open_loop_steps")
 
 
 class UserError(Exception):
@@ -65,16 +65,15 @@ class RunConfig:
       candidates, horizon, cem_rounds, cem_elites, aggregation, discount:
         planner overrides (see PLANNER_FIELDS; for iCEM, candidates is the
         first round's population).
-      methods: the compared methods' names (`experiments.run.METHODS`, or
-        "all"; PerSim always runs); None: PerSim, and True env + MPC when
+      methods: the compared methods' names (`persim_jax.methods.REGISTRY`,
+        or "all"; PerSim always runs); None: PerSim, and True env + MPC when
         `true_env_mpc`.
-      bcq_iterations: gradient steps of the BCQ baselines (paper: 5.5e5).
       policy_episodes: episodes per test agent of the model-free methods
         (paper: 100).
-      cadm_iterations: CaDM's fits (paper: 100, each ≤ 5 epochs).
-      cadm_pairs_per_epoch: (context, transition) pairs per CaDM epoch (None:
-        all, ≈ 10 × the transitions).
-      cadm_particles: PE-TS CaDM's particles when planning (paper: 20).
+      method_settings: {method name: {config field: value}}: each method's
+        own settings (its `from_settings`), set by the preset and the flags
+        the methods declare (`Method.settings`: --bcq_iterations,
+        --cadm_iterations, ...).
       open_loop_steps: own data: k of the held-out k-step open-loop error
         (None: `experiments.personalisation.DEFAULT_OPEN_LOOP_STEPS`).
     """
@@ -102,12 +101,9 @@ class RunConfig:
     aggregation: str | None = None
     discount: float | None = None
     methods: tuple[str, ...] | None = None
-    bcq_iterations: int | None = None
     policy_episodes: int | None = None
-    cadm_iterations: int | None = None
-    cadm_pairs_per_epoch: int | None = None
-    cadm_particles: int | None = None
     open_loop_steps: int | None = None
+    method_settings: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self):
         if self.methods is not None:
@@ -188,7 +184,12 @@ class RunConfig:
         return fields
 
 
-OVERRIDABLE = tuple(f.name for f in dataclasses.fields(RunConfig))
+# What a preset or an override may set: RunConfig's fields, and the methods'
+# settings by their flags' names (`methods.setting_flags()`), which `resolve`
+# gathers into `method_settings`.
+METHOD_FLAGS = tuple(methods.setting_flags())
+OVERRIDABLE = tuple(f.name for f in dataclasses.fields(RunConfig)
+                    if f.name != "method_settings") + METHOD_FLAGS
 
 
 def resolve(env_name: str | None, dataset: str, preset: str = "quick",
@@ -208,7 +209,13 @@ def resolve(env_name: str | None, dataset: str, preset: str = "quick",
     if unknown:
         raise UserError(f"unknown setting(s) {unknown}; valid: {', '.join(OVERRIDABLE)}")
     settings.update(overrides)
-    config = RunConfig(**settings)
+    for flag in METHOD_FLAGS:
+        value = settings.get(flag)
+        if value is not None and (not isinstance(value, int) or value < 1):
+            raise UserError(f"--{flag}: must be a positive integer; got {value!r}")
+    method_settings = methods.settings_from_flags(settings)
+    config = RunConfig(**{k: v for k, v in settings.items() if k not in METHOD_FLAGS},
+                       method_settings=method_settings)
     if env_name is not None and not custom and config.num_agents < 5:
         raise UserError(f"--num_agents: the dataset needs at least the 5 test agents; got "
                         f"{config.num_agents}")

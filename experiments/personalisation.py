@@ -41,7 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from persim_jax.data import Transitions
-from persim_jax.model import Simulator
+from persim_jax.persim.simulator import Simulator
 
 HELD_OUT_FRACTION = 0.2
 DEFAULT_OPEN_LOOP_STEPS = 10

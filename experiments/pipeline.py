@@ -26,10 +26,30 @@ from experiments import own_data
 from experiments.cache import RunDirectory, digest, say
 from experiments.config import RunConfig, UserError
 from experiments.datagen import datasets
-from experiments.methods_registry import methods_for
 from experiments.stages import (evaluate_methods, factors_stage, plots, test_agents_of,
                                 train_stage)
 from persim_jax import data, methods
+
+
+def methods_for(env, config: RunConfig) -> list[methods.Method]:
+    """The methods a run compares (`RunConfig.method_names`), each built from
+    its own settings (`RunConfig.method_settings`); without an env (own data,
+    no test agents), PerSim only."""
+    names = config.method_names(tuple(methods.REGISTRY))
+    if env is None:
+        if set(names) - {"persim", "true_env_mpc"}:
+            raise UserError("--methods: comparing methods needs --env (the test agents' "
+                            "true physics); own data without an env trains PerSim only")
+        names = ("persim",)
+    training = config.training()
+    built = []
+    for name in names:
+        try:
+            built.append(methods.REGISTRY[name].from_settings(
+                config.method_settings.get(name, {}), env=env, training=training))
+        except ValueError as error:
+            raise UserError(f"{name} settings: {error}") from None
+    return built
 
 
 def is_paper_dataset(dataset: str) -> bool:

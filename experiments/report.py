@@ -450,6 +450,10 @@ def _settings_line(config: dict) -> str:
     for key, value in config.items():
         if value is None:
             continue
+        if key == "method_settings":        # {method: {field: value}}
+            parts += [f"{name}: " + " ".join(f"{k}={v}" for k, v in fields.items())
+                      for name, fields in value.items()]
+            continue
         if isinstance(value, dict):
             if value.get("kind"):
                 parts.append(f"{key}={value['kind']}")

@@ -58,7 +58,6 @@ import envs
 from experiments import cli
 from experiments.config import UserError
 from experiments.datagen import datasets
-from experiments.methods_registry import METHODS
 from experiments.pipeline import run_name, run_pipeline
 
 FLAGS = flags.FLAGS
@@ -82,7 +81,7 @@ def define_flags() -> None:
     flags.DEFINE_string("data_dir", datasets.DEFAULT_DATA_DIR, "Dataset cache.")
     flags.DEFINE_list("skip", [], f"Stages to skip: {', '.join(SKIPPABLE)}.")
     flags.DEFINE_bool("force", False, "Redo every stage, even those already done.")
-    cli.define_config_flags(tuple(METHODS))
+    cli.define_config_flags()
     cli.define_loader_flags()
 
 

@@ -21,7 +21,7 @@ from experiments import paper
 from experiments.cache import RunDirectory, digest, say, warn_damaged
 from experiments.datagen import policies
 from persim_jax import data, evaluation, methods, planning
-from persim_jax.model import Simulator
+from persim_jax.persim.simulator import Simulator
 
 
 def floats(values) -> list[float]:
@@ -91,7 +91,7 @@ def train_stage(run: RunDirectory, method: methods.Method, transitions, trials: 
     """Trains (or reloads) `method` once per trial: (what it trained, one per
     trial, and the training seconds, stored ones for reused trials). A method
     that does not train gives ([None], 0): one evaluation, no trials."""
-    if not method.trains:
+    if not isinstance(method, methods.Trains):
         return [None], 0.0
     trained, seconds = [], 0.0
     agents = None if agent_ids is None else [int(a) for a in agent_ids]
@@ -166,7 +166,7 @@ def reward_stage(run: RunDirectory, env, method: methods.Method, trained: list, 
                  agent_ids, planner, config, seed: int, train_key) -> dict:
     """Returns of `method` on the test agents: {mean, std, returns (trials,
     K, E)}, the std over trials (several) or over one trial's episodes."""
-    model_based = method.kind == "model"
+    model_based = isinstance(method, methods.ModelBased)
     own = None
     if model_based:       # a method may plan with its own objective (CaDM)
         config_of_method = method.planner_config(planner.config)
@@ -178,7 +178,8 @@ def reward_stage(run: RunDirectory, env, method: methods.Method, trained: list, 
     planner_key = ({k: v for k, v in planner_description(planner).items()
                     if k != "shard_candidates"} if model_based else None)
     episodes = config.episodes if model_based else config.policy_episodes
-    key = digest({"train": train_key if method.trains else None, "method": method.name,
+    trains = isinstance(method, methods.Trains)
+    key = digest({"train": train_key if trains else None, "method": method.name,
                   "planner": planner_key, "episodes": episodes,
                   "max_steps": config.max_steps, "agents": agent_ids.tolist(), "seed": seed})
     stage = f"reward_{method.name}"
@@ -208,7 +209,7 @@ def episode_returns(method: methods.Method, trained, key, planner, env, covariat
                     episodes: int, max_steps: int | None) -> np.ndarray:
     """(K, E) returns: MPC on a model-based method's dynamics, or the
     model-free method's own policies."""
-    if method.kind == "model":
+    if isinstance(method, methods.ModelBased):
         return evaluation.run_episodes(key, planner, method.dynamics_for_agent(trained, agent_ids),
                                        env, covariates, episodes, max_steps=max_steps)
     return evaluation.run_policy_episodes(key, method.policy_for_agent(trained, agent_ids), env,
@@ -224,7 +225,8 @@ def evaluate_methods(run: RunDirectory, env, chosen, trained, covariates, agent_
     for method in chosen:
         prediction = reward = None
         models, key = trained[method.name], train_keys[method.name]
-        if method.predicts and "prediction" not in skip:
+        scored = isinstance(method, methods.ModelBased) and method.predicts
+        if scored and "prediction" not in skip:
             prediction = prediction_stage(run, env, method, models, covariates, agent_ids,
                                           config, seed, key)
         if "reward" not in skip:

@@ -14,9 +14,10 @@ from persim_jax.data import (
     save_npz,
     validate_transitions,
 )
-from persim_jax.model import ModelConfig, NormStats, Simulator
+from persim_jax.persim.model import ModelConfig, NormStats
+from persim_jax.persim.simulator import Simulator
 from persim_jax.runtime import available_cores, use_cpu_cores
-from persim_jax.train import EpochMetrics, TrainConfig, fit, validation_split
+from persim_jax.persim.train import EpochMetrics, TrainConfig, fit, validation_split
 
 __all__ = [
     "EpochMetrics",

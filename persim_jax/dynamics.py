@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from persim_jax import model
+from persim_jax.persim import model
 from persim_jax.types import ContextualDynamics, Dynamics
 
 # ---------------------------------------------------------------------------

@@ -6,9 +6,9 @@ on `mlp` (the forward pass) and `init_mlp` / `MLP` (the initialisation):
 
   * PerSim's state and action encoders (`persim_jax.persim.model`) and its
     folded forward pass for planning (`small_fan_in`);
-  * CaDM's context encoder and forward / backward trunks (`persim_jax.cadm`,
+  * CaDM's context encoder and forward / backward trunks (`persim_jax.methods.cadm`,
     its own truncated-normal init and its {"w", "b"} trees);
-  * BCQ's Q-nets, VAE, actor and critics (`persim_jax.bcq`);
+  * BCQ's Q-nets, VAE, actor and critics (`persim_jax.methods.bcq`);
   * the logging policies' Q-networks, actors and critics
     (`experiments.datagen.policies`, flax `Dense` initialisation).
 

@@ -1,4 +1,4 @@
-"""BCQ-P and BCQ-A (`persim_jax.bcq`) against independent references: a plain
+"""BCQ-P and BCQ-A (`persim_jax.methods.bcq`) against independent references: a plain
 double-DQN update, behaviour cloning, the VAE's reconstruction and the
 perturbation bound, per-agent training, the harness's episode program,
 save / load and resumable checkpoints."""
@@ -15,7 +15,10 @@ import pytest
 
 import envs
 from conftest import collect_random_actions
-from persim_jax import bcq, data, evaluation
+from persim_jax import data, evaluation
+from persim_jax import methods
+from persim_jax.methods import bcq
+from persim_jax.methods.bcq import train as bcq_train
 
 # Small networks and few iterations: the file runs in about 30 s on 2 cores.
 DISCRETE = bcq.BCQConfig(iterations=200, q_hidden=(32, 32))
@@ -204,8 +207,10 @@ def test_policies_play_episodes_of_the_harness(cartpole_data, cloning, bcq_a):
     _, covariates = cartpole_data
     env = envs.make("cartpole")
     bcq_p, shared, _ = cloning
-    assert (bcq_p.name, bcq_p.kind, bcq_p.trains, bcq_p.predicts) == ("bcq_p", "policy",
-                                                                       True, False)
+    # A model-free method that trains: a policy per agent, no dynamics to score.
+    assert bcq_p.name == "bcq_p"
+    assert isinstance(bcq_p, methods.ModelFree) and isinstance(bcq_p, methods.Trains)
+    assert not isinstance(bcq_p, methods.ModelBased)
     # BCQ-P: one policy for every agent, whatever the agent ids.
     assert shared.agent_ids is None and shared.params["q"]["output"]["bias"].shape[0] == 1
     for method, trained in ((bcq_p, shared), bcq_a):
@@ -234,7 +239,7 @@ def test_checkpoints_resume_and_refuse_another_run(cartpole_data, tmp_path, monk
             **run)
     chunks = []                      # the lengths of the chunks trained
     make_chunk_fn = bcq.make_chunk_fn
-    monkeypatch.setattr(bcq, "make_chunk_fn",
+    monkeypatch.setattr(bcq_train, "make_chunk_fn",
                         lambda *args: chunks.append(args[2]) or make_chunk_fn(*args))
     resumed = bcq.fit(transitions, DISCRETE, checkpoint_dir=tmp_path, **run)
     assert chunks == [100]           # iterations 100..199 only

@@ -1,4 +1,4 @@
-"""Vanilla and PE-TS CaDM (`persim_jax.cadm`): the context history against
+"""Vanilla and PE-TS CaDM (`persim_jax.methods.cadm`): the context history against
 its definition, what the learned context knows about an agent, PE-TS's
 disagreement off the data, the protocols' handling of a context, save / load
 and resumable checkpoints."""
@@ -16,7 +16,8 @@ from sklearn.linear_model import LinearRegression
 
 import envs
 from conftest import collect_random_actions
-from persim_jax import cadm, evaluation, planning
+from persim_jax import evaluation, planning
+from persim_jax.methods import cadm
 
 # Small networks, a raised step size and 2 × 5 epochs of 2e4 pairs: the
 # learned context of CartPole then tells the push force apart (held-out R²

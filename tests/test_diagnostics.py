@@ -16,7 +16,8 @@ import pytest
 
 from experiments import diagnostics
 from experiments.datagen import datasets
-from persim_jax import cadm, train
+from persim_jax.methods import cadm
+from persim_jax.persim import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -116,7 +116,8 @@ SHARDING_SCRIPT = textwrap.dedent("""
     # default) score as on one: random shooting on a learned-simulator-shaped
     # ensemble (shared prefix, chunks) with a candidate count that needs
     # padding, and CEM on HalfCheetah-shaped members.
-    from persim_jax import model
+    from persim_jax.persim import model
+    from persim_jax.persim.simulator import Simulator
     for name, count in (("cartpole", 1001), ("halfcheetah", 30)):
         env_ = envs.make(name)
         sizes = dict(rank=3, state_hidden=(32,), action_hidden=(16,))
@@ -131,7 +132,7 @@ SHARDING_SCRIPT = textwrap.dedent("""
         stats = model.NormStats(np.zeros(dim), np.ones(dim), np.zeros(dim), np.full(dim, 0.1),
                                 *((np.zeros(0), np.ones(0)) if env_.discrete_actions else
                                   (np.zeros(env_.action_dim), np.ones(env_.action_dim))))
-        simulator = model.Simulator(params=params, stats=stats,
+        simulator = Simulator(params=params, stats=stats,
                                     validation_loss=np.zeros(3), config=config)
         obs = 0.05 * jax.random.normal(jax.random.PRNGKey(2), (dim,))
         results = []

@@ -10,7 +10,8 @@ import pytest
 
 import envs
 from persim_jax import evaluation, methods, planning
-from persim_jax.train import TrainConfig
+from persim_jax.methods import per_agent as per_agent_lib
+from persim_jax.persim.train import TrainConfig
 
 
 def test_keys_are_the_methods_own():
@@ -65,9 +66,9 @@ def test_persim_trains_and_hands_dynamics(small_mountaincar_data, tmp_path):
 def test_true_env_mpc_is_the_env_and_does_not_train():
     env = envs.make("cartpole")
     method = methods.TrueEnvMPC(env)
-    assert not method.trains and not method.predicts
-    with pytest.raises(TypeError, match="does not train"):
-        method.train(None, jax.random.PRNGKey(0))
+    assert not isinstance(method, methods.Trains) and not method.predicts
+    # Not a `Trains`: it has no training hooks at all (no hook raising TypeError).
+    assert not any(hasattr(method, hook) for hook in ("train", "save", "load"))
     covariates = jnp.asarray(env.test_agents[1], jnp.float32)
     dynamics = method.dynamics_for_agent(None, [0])(0, covariates)
     reference = planning.env_dynamics(env, env.covariates_to_params(covariates))
@@ -93,7 +94,7 @@ def test_population_and_per_agent_ablations(small_mountaincar_data, tmp_path):
         per_agent.train(transitions, per_agent.key("train", 0))
     stacked = per_agent.train(transitions, per_agent.key("train", 0), agent_ids=[2, 7])
     # Agent 7's simulator is trained on agent 7's transitions alone.
-    alone = methods.own_trajectory(transitions, 7)
+    alone = per_agent_lib.own_trajectory(transitions, 7)
     assert alone.num_agents == 1 and alone.num_transitions == int(
         np.sum(np.asarray(transitions.agent_id) == 7))
     path = str(tmp_path / "per_agent.msgpack")

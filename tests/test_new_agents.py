@@ -18,7 +18,9 @@ import pytest
 import envs
 from conftest import FIT_KEY
 from experiments.datagen import datasets
-from persim_jax import data, model
+from persim_jax import data
+from persim_jax.persim import model
+from persim_jax.persim.simulator import Simulator
 from persim_jax.persim import newcomers, train
 
 NUM_NEW = 20
@@ -69,7 +71,7 @@ def continuous_fit():
                                state_hidden=(16,), action_hidden=(8,))
     params = jax.vmap(model.init_params, in_axes=(0, None))(
         jax.random.split(jax.random.PRNGKey(3), 2), config)
-    simulator = model.Simulator(params=params, stats=model.identity_stats(3, 2),
+    simulator = Simulator(params=params, stats=model.identity_stats(3, 2),
                                 validation_loss=jnp.array([0.01, 0.02]), config=config)
     rng = np.random.default_rng(0)
     obs = rng.normal(size=(3, 40, 3)).astype(np.float32)
@@ -245,7 +247,7 @@ def test_old_agents_unchanged_and_new_ones_appended(kind, mountaincar_fit, newco
     np.testing.assert_allclose(np.asarray(bigger.agent_factors(member=None))[:, n:], fitted,
                                rtol=1e-5, atol=1e-6)
     # A saved and reloaded bigger simulator is the same model.
-    reloaded = model.Simulator.from_bytes(bigger.to_bytes())
+    reloaded = Simulator.from_bytes(bigger.to_bytes())
     assert reloaded.num_agents == n + k
     assert np.array_equal(np.asarray(reloaded.predict(n + k - 1, obs[0], action[0])),
                           np.asarray(bigger.predict(n + k - 1, obs[0], action[0])))

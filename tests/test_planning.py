@@ -15,8 +15,10 @@ import pytest
 
 import envs
 from experiments import paper
-from persim_jax import model, planning
-from persim_jax.model import ModelConfig, NormStats, Simulator
+from persim_jax import planning
+from persim_jax.persim import model
+from persim_jax.persim.model import ModelConfig, NormStats
+from persim_jax.persim.simulator import Simulator
 
 
 # ---------------------------------------------------------------------------

@@ -25,7 +25,7 @@ import envs
 from experiments.datagen import policies
 from persim_jax import dynamics, evaluation
 from persim_jax.evaluation import prediction
-from persim_jax.model import ModelConfig
+from persim_jax.persim.model import ModelConfig
 
 
 @struct.dataclass

@@ -18,7 +18,7 @@ import pytest
 import envs
 from experiments import paper, run
 from experiments.config import UserError, resolve
-from experiments.methods_registry import METHODS
+from persim_jax.methods import REGISTRY as METHODS
 from experiments.pipeline import run_pipeline
 from persim_jax import data, planning
 

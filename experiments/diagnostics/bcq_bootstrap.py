@@ -29,7 +29,8 @@ from absl import app, flags
 import envs
 from experiments import diagnostics
 from experiments.datagen import datasets
-from persim_jax import bcq, evaluation
+from persim_jax import evaluation
+from persim_jax.methods import bcq
 
 FLAGS = flags.FLAGS
 

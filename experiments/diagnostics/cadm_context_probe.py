@@ -31,7 +31,7 @@ from sklearn.linear_model import LinearRegression
 import envs
 from experiments import diagnostics
 from experiments.datagen import datasets
-from persim_jax import cadm
+from persim_jax.methods import cadm
 
 FLAGS = flags.FLAGS
 

@@ -29,7 +29,7 @@ from envs.mountaincar import EnvParams
 from experiments import diagnostics
 from experiments.datagen import datasets, policies
 from persim_jax import evaluation
-from persim_jax.model import Simulator
+from persim_jax.persim.simulator import Simulator
 
 FLAGS = flags.FLAGS
 WALL = EnvParams().min_position

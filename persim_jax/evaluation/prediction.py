@@ -33,7 +33,7 @@ from persim_jax.dynamics import (
     contextual,
     simulator_dynamics_for_agent,
 )
-from persim_jax.model import Simulator
+from persim_jax.persim.simulator import Simulator
 from persim_jax.types import DynamicsForAgent, Policy
 
 

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import serialization, struct
 
-from persim_jax.data import atomic_write
+from persim_jax.data import atomic_write, decode_msgpack
 from persim_jax.persim import newcomers
 from persim_jax.persim.model import (
     ModelConfig,
@@ -253,9 +253,7 @@ class Simulator:
     @classmethod
     def from_bytes(cls, data: bytes, source: str = "simulator") -> "Simulator":
         """The simulator of `to_bytes`; `source` names it in errors."""
-        payload = serialization.msgpack_restore(data)
-        if payload.get("format") != SIMULATOR_FORMAT:
-            raise ValueError(f"{source}: not a persim-jax simulator file")
+        payload = decode_msgpack(data, SIMULATOR_FORMAT, "a persim-jax simulator file", source)
         if payload.get("version") != SIMULATOR_VERSION:
             raise ValueError(f"{source}: version {payload.get('version')}, expected "
                              f"{SIMULATOR_VERSION}")

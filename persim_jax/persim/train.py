@@ -33,7 +33,7 @@ import optax
 from flax import struct
 
 from persim_jax import checkpoints, training
-from persim_jax._validate import positive_int
+from persim_jax.validation import positive_int
 from persim_jax.data import Transitions, validate_transitions
 from persim_jax.persim import model as model_lib
 from persim_jax.persim.model import ModelConfig, NormStats

@@ -1,51 +1,6 @@
-"""BCQ-P and BCQ-A, the paper's model-free baselines (appendix D.2), in JAX.
-
-Batch-Constrained deep Q-learning (Fujimoto et al. 2019) as the authors'
-PyTorch code does it (sfujim/BCQ @4876f7e; shared/reference/baselines.md §2).
-Every layer is initialised like torch.nn.Linear, U(±1/√fan_in) for weights and
-biases (`persim_jax.networks.MLP`); not_done = 1 - `Transitions.done`, 0 only at a
-true termination (time-limit ends keep 1).
-
-Discrete (MountainCar, CartPole): Q and an imitation net G, two independent
-MLPs (256, 256) on the raw states. An action may be chosen when G(a|s) /
-max G(·|s) > threshold (strict; 0.3). Target: a* = the masked argmax of the
-ONLINE Q and G at s', y = r + γ · not_done · Q_target(s', a*). Loss: Huber
-(δ = 1) + NLL(a | G) + 0.01 · mean(logits²); one Adam (3e-4) for both, batch
-64, Polyak 0.005 every step. Acting: the greedy masked argmax (ε = 0).
-
-Continuous (HalfCheetah; box [-max_action, max_action]): a VAE (750, 750;
-latent 2·A; log σ clamped to [-4, 15]; decoder max_a · tanh; free samples
-z ~ N(0, I) clipped to ±0.5), an actor a' = clip(a + Φ · max_a · tanh(ξ(s,
-a)), ±max_a), Φ = 0.05 (400, 300), two critics (400, 300). A step: (1) VAE,
-MSE + 0.5 · KL; (2) critics: s' repeated 10×, actions from the online VAE
-perturbed by the target actor, q = λ · min(Q1', Q2') + (1 - λ) · max (λ =
-0.75), max over the copies, y = r + not_done · γ · q, MSE(Q1, y) + MSE(Q2, y);
-(3) actor: maximise mean Q1(s, ξ(s, dec(s))); (4) Polyak on the critics' and
-the actor's targets. Three Adams (1e-3), batch 100. Acting: 100 decoded,
-perturbed samples, the argmax of Q1.
-
-BCQ-P: one policy on all transitions. BCQ-A: one per evaluated agent, on that
-agent's trajectory only. Training is one jitted program per chunk of
-iterations: a `lax.scan` over iterations, vmapped over the K policies, each
-drawing minibatches uniformly with replacement from its own rows of a padded
-(K, T_max, ...) array. Python loops over chunks only (`persim_jax.training.run_loop`:
-progress, resumable orbax checkpoints). Iteration i of the policy of agent a uses
-fold_in(fold_in(key, a), i): results depend neither on the chunk size nor on
-the other agents trained beside it.
-
-    method = bcq.BCQA(bcq.BCQConfig(iterations=550_000))
-    trained = method.train(transitions, method.key("train", 0), agent_ids=[0, 1, 2, 3, 4])
-    returns = evaluation.run_policy_episodes(
-        key, method.policy_for_agent(trained, [0, 1, 2, 3, 4]), env, env.test_agents, 100)
-
-Where we differ from the authors' code, and why:
-  * the VAE's μ and log σ heads are one Linear(750, 2 · latent), split: the
-    same function and the same initial distribution;
-  * the discrete target net holds Q only (the authors' copy of G is never read);
-  * threshold < 1: at 1 the strict ">" masks every action and the argmax
-    silently returns action 0 (baselines.md §3);
-  * continuous actions must lie in the box (the decoder cannot produce others).
-"""
+"""BCQ's policies (greedy / perturbed actions per agent, saved and loaded) and
+their training: `fit`, chunks of `CHUNK_ITERATIONS` gradient steps in one
+jitted program, vmapped over policies, resumable (`persim_jax.training`)."""
 
 from __future__ import annotations
 
@@ -53,25 +8,19 @@ import dataclasses
 import functools
 import json
 import os
-from typing import Any, ClassVar, Sequence
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import serialization, struct
 
-from persim_jax import checkpoints, evaluation, training
-from persim_jax._validate import positive_int
-from persim_jax.bcq_model import (  # noqa: F401 -- re-exported: bcq's public names
-    LATENT_CLIP,
-    LOG_STD_RANGE,
-    MASKED_VALUE,
+from persim_jax import checkpoints, training
+from persim_jax.validation import positive_int
+from persim_jax.methods.bcq.model import (
     BCQConfig,
     Batch,
-    ContinuousState,
-    DiscreteState,
     continuous_update,
-    critic_target,
     critic_values,
     decode,
     discrete_update,
@@ -81,7 +30,6 @@ from persim_jax.bcq_model import (  # noqa: F401 -- re-exported: bcq's public na
     perturb,
 )
 from persim_jax.data import Transitions, load_msgpack, save_msgpack, validate_transitions
-from persim_jax.methods import Method
 
 FILE_FORMAT = "persim-jax-bcq"
 CHECKPOINT_FORMAT = 1
@@ -366,48 +314,3 @@ def _run_description(data: PolicyData, config: BCQConfig, key, discrete: bool,
                    "key": checkpoints.key_list(key),
                    "data_sha256": checkpoints.data_digest(jax.tree.leaves(data))}
     return json.loads(json.dumps(description))
-
-
-# ---------------------------------------------------------------------------
-# Methods of the harness
-
-
-@dataclasses.dataclass(frozen=True)
-class BCQP(Method):
-    """BCQ-P: one BCQ policy trained on every agent's transitions."""
-
-    config: BCQConfig = BCQConfig()
-    name: ClassVar[str] = "bcq_p"
-    kind: ClassVar[str] = "policy"
-    trains: ClassVar[bool] = True
-    predicts: ClassVar[bool] = False
-
-    def description(self) -> dict:
-        return self.config.to_dict()
-
-    def train(self, transitions, key, *, workdir=None, agent_ids=None) -> BCQPolicies:
-        del agent_ids                       # one policy for everyone
-        return fit(transitions, self.config, key=key, checkpoint_dir=workdir)
-
-    def save(self, trained: BCQPolicies, path) -> None:
-        trained.save(path)
-
-    def load(self, path) -> BCQPolicies:
-        return BCQPolicies.load(path)
-
-    def policy_for_agent(self, trained: BCQPolicies, agent_ids) -> evaluation.PolicyForAgent:
-        return trained.policy_for_agent(agent_ids)
-
-
-@dataclasses.dataclass(frozen=True)
-class BCQA(BCQP):
-    """BCQ-A: one BCQ policy per evaluated agent, on its own trajectory."""
-
-    name: ClassVar[str] = "bcq_a"
-
-    def train(self, transitions, key, *, workdir=None, agent_ids=None) -> BCQPolicies:
-        if agent_ids is None or not len(agent_ids):
-            raise ValueError("agent_ids: bcq_a trains one policy per evaluated agent; "
-                             "give their ids")
-        return fit(transitions, self.config, key=key, agent_ids=agent_ids,
-                   checkpoint_dir=workdir)

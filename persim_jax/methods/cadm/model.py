@@ -1,11 +1,11 @@
-"""CaDM's networks, config, saved model, training pairs and loss (`persim_jax.cadm`).
+"""CaDM's networks, config, saved model, training pairs and loss (`persim_jax.methods.cadm`).
 
 The pure core of the CaDM baselines: `CaDMConfig` (and the paper's `VANILLA`,
 `PE_TS`), the context encoder and forward / backward models on
 `persim_jax.networks` (the authors' truncated-normal init, stored as
 {"layer_i": {"w", "b"}}), `CaDMModel` (what training returns and saves), the
 (context anchor, transition) pairs it trains on and its loss. Training,
-evaluation and the harness's methods are in `persim_jax.cadm`.
+evaluation (`dynamics`) and the harness's methods (`method`) are beside it.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import numpy as np
 from flax import struct
 
 from persim_jax import networks
-from persim_jax._validate import positive_int
+from persim_jax.validation import positive_int
 from persim_jax.data import Transitions, load_msgpack, save_msgpack
 
 FILE_FORMAT = "persim-jax-cadm"

@@ -1,11 +1,11 @@
-"""BCQ's config, networks and gradient steps (`persim_jax.bcq`).
+"""BCQ's config, networks and gradient steps (`persim_jax.methods.bcq`).
 
 The pure learning rules of the BCQ baselines: `BCQConfig`, the networks on
 `persim_jax.networks.MLP` (PyTorch-style init), and one gradient step of the
 discrete (`discrete_update`) and continuous (`continuous_update`) variants,
-pure functions that `persim_jax.bcq` vmaps over policies and scans over
+pure functions that `persim_jax.methods.bcq` vmaps over policies and scans over
 iterations. Policies, training and the harness's methods are in
-`persim_jax.bcq`.
+`persim_jax.methods.bcq`.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import optax
 from flax import struct
 
 from persim_jax import networks
-from persim_jax._validate import positive_int
+from persim_jax.validation import positive_int
 from persim_jax.networks import apply_mlp
 
 # Masked actions' value in the argmax (the authors' -1e8).
