@@ -33,10 +33,12 @@ import hashlib
 import json
 import os
 import time
+import zipfile
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 
 import envs
 from experiments import paper
@@ -274,14 +276,12 @@ def load_or_generate(env_name: str, dataset: str, *, data_dir=DEFAULT_DATA_DIR, 
     meta_path = metadata_path(path)
     env = envs.make(env_name)
     if not force and os.path.exists(path) and os.path.exists(meta_path):
-        with open(meta_path) as handle:
-            metadata = json.load(handle)
         expected = {"version": METADATA_VERSION, "env": env_name, "dataset": dataset,
                     "seed": seed, "num_agents": num_agents,
                     "policies_sha256": policies_digest(env, dataset, policy_dir)}
-        if all(metadata.get(k) == v for k, v in expected.items()):
-            transitions = data.load_npz(path)
-            return transitions, {**metadata, "cached": True, "path": path}
+        cached = _read_cache(path, meta_path, expected)
+        if cached is not None:
+            return cached
     transitions, metadata = generate(env_name, dataset, seed=seed, num_agents=num_agents,
                                      policy_dir=policy_dir)
     data.save_npz(path, transitions)
@@ -289,6 +289,25 @@ def load_or_generate(env_name: str, dataset: str, *, data_dir=DEFAULT_DATA_DIR, 
         json.dump(metadata, handle, indent=1)
         handle.write("\n")
     return transitions, {**metadata, "cached": False, "path": path}
+
+
+def _read_cache(path: str, meta_path: str, expected: dict):
+    """(Transitions, metadata) of the cached dataset when its sidecar matches
+    `expected`, else None; a damaged file is warned about in one line and
+    regenerated (None)."""
+    try:
+        with open(meta_path) as handle:
+            metadata = json.load(handle)
+        if not isinstance(metadata, dict):
+            raise ValueError("not a dataset sidecar")
+        if not all(metadata.get(k) == v for k, v in expected.items()):
+            return None
+        transitions = data.load_npz(path)
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as error:
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        logging.warning("%s: damaged dataset cache (%s); regenerating it", path, reason)
+        return None
+    return transitions, {**metadata, "cached": True, "path": path}
 
 
 def format_stats(metadata: dict) -> str:
