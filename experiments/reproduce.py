@@ -50,7 +50,7 @@ from experiments import config as config_lib
 from experiments import claims, paper, report
 from experiments.claims import ALL_ENVS, ALL_METHODS, cell_name, mean_of
 from experiments.datagen.datasets import DATASETS
-from persim_jax.data import atomic_write
+from persim_jax.data import atomic_write, jsonable
 
 FLAGS = flags.FLAGS
 RECORD_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
@@ -100,7 +100,7 @@ def settings_changed(results: dict, preset: str) -> list[str]:
     except (KeyError, config_lib.UserError):
         return []
     recorded_config = results.get("config") or {}
-    as_json = json.loads(json.dumps(current))          # tuples as lists, as results.json
+    as_json = jsonable(current)                        # tuples as lists, as results.json
     return [f"{name}: {recorded_config[name]!r} -> {value!r}" for name, value in as_json.items()
             if name in recorded_config and name not in DERIVED_SETTINGS
             and recorded_config[name] != value]

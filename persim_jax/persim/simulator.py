@@ -17,6 +17,7 @@ import numpy as np
 from flax import serialization, struct
 
 from persim_jax.data import atomic_write, decode_msgpack
+from persim_jax.data.checks import plain
 from persim_jax.persim import newcomers
 from persim_jax.persim.model import (
     ModelConfig,
@@ -27,10 +28,6 @@ from persim_jax.persim.model import (
     predict_next_obs,
 )
 
-
-def _plain(value):
-    """A numpy scalar as the Python value it holds, for messages."""
-    return value.item() if isinstance(value, np.generic) else value
 
 
 SIMULATOR_FORMAT = "persim-jax-simulator"
@@ -114,7 +111,7 @@ class Simulator:
             return np.asarray([self.agent_index(key) for key in array.ravel().tolist()],
                               np.int32).reshape(array.shape)
         raise ValueError(f"agent_id: expected agent indices (integers) or the data's agent ids; "
-                         f"got {_plain(agent_id)!r}")
+                         f"got {plain(agent_id)!r}")
 
     def predict(self, agent_id, obs, action) -> jax.Array:
         """Next states predicted by every member from the same input.
@@ -204,7 +201,7 @@ class Simulator:
     def agent_index(self, key) -> int:
         """Index 0..N-1 of the agent whose original id is `key` (an id read as
         a number from a file also matches its text: 7 and "7")."""
-        key = _plain(key)
+        key = plain(key)
         if self.agent_keys is None:
             try:
                 index = int(key)
@@ -214,7 +211,7 @@ class Simulator:
             if not 0 <= index < self.num_agents:
                 raise ValueError(f"agent_id: {key!r} outside 0..{self.num_agents - 1}")
             return index
-        keys = [_plain(k) for k in self.agent_keys]
+        keys = [plain(k) for k in self.agent_keys]
         if key in keys:
             return keys.index(key)
         as_text = [str(k) for k in keys]

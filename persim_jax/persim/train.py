@@ -34,7 +34,7 @@ from flax import struct
 
 from persim_jax import checkpoints, training
 from persim_jax.validation import positive_int
-from persim_jax.data import Transitions, validate_transitions
+from persim_jax.data import Transitions, jsonable, validate_transitions
 from persim_jax.persim import model as model_lib
 from persim_jax.persim.model import ModelConfig, NormStats
 from persim_jax.persim.simulator import Simulator
@@ -487,7 +487,7 @@ def _run_description(transitions: Transitions, model_config: ModelConfig,
                              "action_hidden")}
     return {
         "format": CHECKPOINT_FORMAT,
-        "model": _jsonable(model_config.to_dict()),
+        "model": jsonable(model_config.to_dict()),
         **training,
         "batch_size": batch_size,
         "key": checkpoints.key_list(key),
@@ -495,7 +495,3 @@ def _run_description(transitions: Transitions, model_config: ModelConfig,
                                                 transitions.next_obs, transitions.agent_id)),
     }
 
-
-def _jsonable(tree: dict) -> dict:
-    """Tuples as lists: what the description reads back as from JSON."""
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in tree.items()}

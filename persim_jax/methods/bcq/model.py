@@ -20,6 +20,7 @@ import optax
 from flax import struct
 
 from persim_jax import networks
+from persim_jax.data import jsonable
 from persim_jax.validation import positive_int
 from persim_jax.networks import apply_mlp
 
@@ -108,8 +109,7 @@ class BCQConfig:
 
     def to_dict(self) -> dict:
         """JSON-able fields (tuples as lists)."""
-        return {k: list(v) if isinstance(v, tuple) else v
-                for k, v in dataclasses.asdict(self).items()}
+        return jsonable(dataclasses.asdict(self))
 
 
 def _check_range(name, value, low, high, *, low_open=False, high_open=False) -> None:

@@ -22,7 +22,7 @@ from flax import struct
 
 from persim_jax import networks
 from persim_jax.validation import positive_int
-from persim_jax.data import Transitions, load_msgpack, save_msgpack
+from persim_jax.data import Transitions, jsonable, load_msgpack, save_msgpack
 
 FILE_FORMAT = "persim-jax-cadm"
 
@@ -122,8 +122,7 @@ class CaDMConfig:
 
     def to_dict(self) -> dict:
         """JSON-able fields (tuples as lists)."""
-        return {k: list(v) if isinstance(v, tuple) else v
-                for k, v in dataclasses.asdict(self).items()}
+        return jsonable(dataclasses.asdict(self))
 
 
 # The paper's two CaDM rows (appendix D.2: 100 iterations).
