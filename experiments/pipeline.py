@@ -195,30 +195,70 @@ def _open_run(env_name, dataset, config, seed, out_dir, data_dir, force, loader_
 def run_pipeline(env_name: str | None, dataset: str, config: RunConfig, *, preset: str,
                  seed: int, out_dir: str, data_dir: str, force: bool = False,
                  skip: Sequence[str] = (), loader_options: dict | None = None) -> dict:
-    """Runs every stage and returns the results dict (also `results.json`).
+    """Runs every stage and returns the results dict (also `results.json`):
+    the paper's pipeline for its datasets, the own-data pipeline for a file.
     `loader_options` say how to read the user's long-format file
     (`own_data.LOADER_DEFAULTS`)."""
+    run = paper_pipeline if is_paper_dataset(dataset) else own_data_pipeline
+    return run(env_name, dataset, config, preset=preset, seed=seed, out_dir=out_dir,
+               data_dir=data_dir, force=force, skip=skip, loader_options=loader_options)
+
+
+def _evaluate(run, env, chosen, trained: Trained, covariates, agent_ids, config, seed, skip):
+    """(rows, planner description): the test agents' prediction error and
+    reward, when there is an env and units 0..4 are its agents."""
+    if env is None or agent_ids is None:
+        return {}, None
+    rows, planner = evaluate_methods(run, env, chosen, trained.models, covariates, agent_ids,
+                                     config, seed, trained.keys, skip)
+    for name, row in rows.items():
+        row["train_seconds"] = trained.seconds[name]
+    return rows, planner
+
+
+def paper_pipeline(env_name: str, dataset: str, config: RunConfig, *, preset: str, seed: int,
+                   out_dir: str, data_dir: str, force: bool = False, skip: Sequence[str] = (),
+                   loader_options: dict | None = None) -> dict:
+    """The paper's protocol on one of its datasets: every method trained on
+    all the transitions, scored on the 5 test agents."""
+    total_start = time.time()
+    env, transitions, metadata, run, chosen = _open_run(env_name, dataset, config, seed, out_dir,
+                                                        data_dir, force, loader_options)
+    dataset_key = dataset_identity(metadata)
+    covariates, agent_ids = test_agents_of(env, transitions)
+    trained = train_methods(run, chosen, transitions, config, seed, dataset_key, agent_ids)
+    rows, planner = _evaluate(run, env, chosen, trained, covariates, agent_ids, config, seed,
+                              skip)
+    simulators = trained.models[methods.PerSim.name]
+    factors_stage(run, simulators, transitions)
+    written = plots(run, env, simulators, transitions, covariates, agent_ids, seed, skip)
+    results = results_record(
+        env_name=env_name, env=env, dataset=dataset, preset=preset, seed=seed,
+        covariates=covariates, rows=rows, reward=reward_summary(rows, planner, config, env),
+        metadata=metadata, validation=None, config=config, chosen=chosen,
+        simulators=simulators, figures=written)
+    return write_outputs(run, results, total_start)
+
+
+def own_data_pipeline(env_name: str | None, dataset: str, config: RunConfig, *, preset: str,
+                      seed: int, out_dir: str, data_dir: str, force: bool = False,
+                      skip: Sequence[str] = (), loader_options: dict | None = None) -> dict:
+    """The user's file: the methods learn each agent's first 80 %, the
+    personalisation stage scores them on the last 20 %; with an env whose
+    agents units 0..4 are, the paper's evaluation of those agents too."""
     total_start = time.time()
     env, everything, metadata, run, chosen = _open_run(env_name, dataset, config, seed, out_dir,
                                                        data_dir, force, loader_options)
-    own = not is_paper_dataset(dataset)
-    transitions, held_out = own_data.split(everything) if own else (everything, None)
+    transitions, held_out = own_data.split(everything)
     dataset_key = dataset_identity(metadata)
     covariates, agent_ids = (test_agents_of(env, transitions) if env is not None
                              else (None, None))
     trained = train_methods(run, chosen, transitions, config, seed, dataset_key, agent_ids)
+    rows, planner = _evaluate(run, env, chosen, trained, covariates, agent_ids, config, seed,
+                              skip)
+    validation = own_data.personalisation_stage(run, config, everything, transitions, held_out,
+                                                trained.models, seed, digest(dataset_key))
     simulators = trained.models[methods.PerSim.name]
-    rows, planner = {}, None
-    if env is not None and agent_ids is not None:
-        rows, planner = evaluate_methods(run, env, chosen, trained.models, covariates,
-                                         agent_ids, config, seed, trained.keys, skip)
-        for name, row in rows.items():
-            row["train_seconds"] = trained.seconds[name]
-    validation = None
-    if own:
-        validation = own_data.personalisation_stage(run, config, everything, transitions,
-                                                    held_out, trained.models, seed,
-                                                    digest(dataset_key))
     factors_stage(run, simulators, everything)
     written = plots(run, env, simulators, everything, covariates, agent_ids, seed, skip)
     results = results_record(
@@ -226,10 +266,9 @@ def run_pipeline(env_name: str | None, dataset: str, config: RunConfig, *, prese
         covariates=covariates, rows=rows, reward=reward_summary(rows, planner, config, env),
         metadata=metadata, validation=validation, config=config, chosen=chosen,
         simulators=simulators, figures=written)
-    if own and env is None:
+    if env is None:
         results["config"] = own_data.settings(results["config"], everything)
-    if own:
-        results["data"] = own_data.description(everything, metadata)
+    results["data"] = own_data.description(everything, metadata)
     return write_outputs(run, results, total_start)
 
 
