@@ -1,8 +1,9 @@
 """The pipeline's caches trust nothing they cannot read: every kind of file a
 run caches (the generated dataset and its sidecar, the stage records, each
-method's trained model), truncated, is rebuilt on the next run with one warning
+kind of trained model), truncated, is rebuilt on the next run with one warning
 line naming it, never a traceback, and the rebuilt run gives the same numbers.
-(Damaged training checkpoints: tests/test_train.py.)"""
+(Damaged training checkpoints: tests/test_train.py; a damaged per-agent file:
+tests/test_methods.py.)"""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from experiments.pipeline import run_pipeline
 
 TINY = dict(trials=1, num_agents=8, ensemble_size=2, epochs=2, state_hidden=(32,), episodes=1,
             max_steps=10, prediction_episodes=2, candidates=16, horizon=5,
-            methods=["persim", "per_agent", "vanilla_cadm", "bcq_p"], bcq_iterations=20,
+            methods=["persim", "vanilla_cadm", "bcq_p"], bcq_iterations=20,
             cadm_iterations=1, cadm_pairs_per_epoch=100)
 
 
@@ -72,12 +73,11 @@ def test_every_damaged_cache_file_is_rebuilt_with_a_warning(first_run, caplog):
     first = [dataset, datasets.metadata_path(dataset),
              os.path.join(run_dir, "stages", "train_persim_trial0.json"),
              os.path.join(run_dir, "stages", "prediction_persim.json"),
-             os.path.join(run_dir, "per_agent_trial0.msgpack"),
              os.path.join(run_dir, "vanilla_cadm_trial0.msgpack"),
              os.path.join(run_dir, "bcq_p_trial0.msgpack")]
     second = [os.path.join(run_dir, "simulator_trial0.msgpack")]
     for damaged in (first, second):
         again = rerun_with_damaged(first_run, damaged, caplog)
         # Rebuilt from nothing, the numbers are the first run's.
-        for name in ("persim", "per_agent", "vanilla_cadm"):
+        for name in ("persim", "vanilla_cadm"):
             assert again["methods"][name]["prediction"] == results["methods"][name]["prediction"]

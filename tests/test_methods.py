@@ -106,3 +106,11 @@ def test_population_and_per_agent_ablations(small_mountaincar_data, tmp_path):
     second = jax.tree.map(lambda leaf: leaf[1], loaded)
     np.testing.assert_array_equal(rows(1, None)(obs, action), second.predict(0, obs, action))
     assert not np.allclose(rows(0, None)(obs, action), rows(1, None)(obs, action))
+    # A per-agent file cut short is named in one ValueError (the pipeline then
+    # retrains, tests/test_cache.py).
+    with open(path, "rb") as handle:
+        content = handle.read()
+    with open(path, "wb") as handle:
+        handle.write(content[:len(content) // 2])
+    with pytest.raises(ValueError, match="per_agent.msgpack: damaged"):
+        per_agent.load(path)
