@@ -26,6 +26,8 @@ import tempfile
 
 from absl import app, flags
 
+from experiments import reproduce
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 _BEFORE = flags.DEFINE_string("before", "HEAD", "The git revision to compare with.")
@@ -46,7 +48,6 @@ RUNS = {
                            *[f for f in TINY if not f.startswith(("--trials", "--episodes"))],
                            "--trials=2", "--episodes=2"],
 }
-IGNORED = {"timing_s", "seconds", "train_seconds", "devices"}
 # Settings moved from RunConfig's fields to the methods' own (issue 28).
 RENAMED_CONFIG = {"bcq_iterations", "cadm_iterations", "cadm_pairs_per_epoch", "cadm_particles",
                   "method_settings"}
@@ -80,25 +81,11 @@ def _depth(value) -> int:
     return 1 + _depth(value[0]) if isinstance(value, list) and value else 0
 
 
-def differences(before, after, path: str = "") -> list[str]:
-    """The paths where `before` and `after` differ (ignored keys aside)."""
-    if isinstance(before, dict) and isinstance(after, dict):
-        found = []
-        for key in sorted(set(before) | set(after)):
-            if key in IGNORED or (path == "/config" and key in RENAMED_CONFIG):
-                continue
-            if key not in before or key not in after:
-                found.append(f"{path}/{key}: only {'after' if key in after else 'before'}")
-            else:
-                found += differences(before[key], after[key], f"{path}/{key}")
-        return found
-    if isinstance(before, list) and isinstance(after, list):
-        if len(before) != len(after):
-            return [f"{path}: {len(before)} vs {len(after)} items"]
-        return [d for i, (b, a) in enumerate(zip(before, after))
-                for d in differences(b, a, f"{path}[{i}]")]
-    same = before == after or (before != before and after != after)     # NaN == NaN
-    return [] if same else [f"{path}: {before!r} -> {after!r}"]
+def differences(before: dict, after: dict) -> list[str]:
+    """`reproduce.differences` (timings aside), less the settings that moved
+    within results.json["config"] (`RENAMED_CONFIG`)."""
+    return [line for line in reproduce.differences(before, after)
+            if not any(line.startswith(f"/config/{key}:") for key in RENAMED_CONFIG)]
 
 
 def main(argv):

@@ -216,6 +216,19 @@ def _evaluate(run, env, chosen, trained: Trained, covariates, agent_ids, config,
     return rows, planner
 
 
+def _results(run, env_name, env, dataset, preset, seed, config, chosen, trained: Trained,
+             transitions, covariates, agent_ids, rows, planner, metadata, validation, skip):
+    """The run's own outputs (agent factors, figures) and its results record."""
+    simulators = trained.models[methods.PerSim.name]
+    factors_stage(run, simulators, transitions)
+    written = plots(run, env, simulators, transitions, covariates, agent_ids, seed, skip)
+    return results_record(
+        env_name=env_name, env=env, dataset=dataset, preset=preset, seed=seed,
+        covariates=covariates, rows=rows, reward=reward_summary(rows, planner, config, env),
+        metadata=metadata, validation=validation, config=config, chosen=chosen,
+        simulators=simulators, figures=written)
+
+
 def paper_pipeline(env_name: str, dataset: str, config: RunConfig, *, preset: str, seed: int,
                    out_dir: str, data_dir: str, force: bool = False, skip: Sequence[str] = (),
                    loader_options: dict | None = None) -> dict:
@@ -229,14 +242,8 @@ def paper_pipeline(env_name: str, dataset: str, config: RunConfig, *, preset: st
     trained = train_methods(run, chosen, transitions, config, seed, dataset_key, agent_ids)
     rows, planner = _evaluate(run, env, chosen, trained, covariates, agent_ids, config, seed,
                               skip)
-    simulators = trained.models[methods.PerSim.name]
-    factors_stage(run, simulators, transitions)
-    written = plots(run, env, simulators, transitions, covariates, agent_ids, seed, skip)
-    results = results_record(
-        env_name=env_name, env=env, dataset=dataset, preset=preset, seed=seed,
-        covariates=covariates, rows=rows, reward=reward_summary(rows, planner, config, env),
-        metadata=metadata, validation=None, config=config, chosen=chosen,
-        simulators=simulators, figures=written)
+    results = _results(run, env_name, env, dataset, preset, seed, config, chosen, trained,
+                       transitions, covariates, agent_ids, rows, planner, metadata, None, skip)
     return write_outputs(run, results, total_start)
 
 
@@ -258,14 +265,9 @@ def own_data_pipeline(env_name: str | None, dataset: str, config: RunConfig, *, 
                               skip)
     validation = own_data.personalisation_stage(run, config, everything, transitions, held_out,
                                                 trained.models, seed, digest(dataset_key))
-    simulators = trained.models[methods.PerSim.name]
-    factors_stage(run, simulators, everything)
-    written = plots(run, env, simulators, everything, covariates, agent_ids, seed, skip)
-    results = results_record(
-        env_name=env_name, env=env, dataset=dataset, preset=preset, seed=seed,
-        covariates=covariates, rows=rows, reward=reward_summary(rows, planner, config, env),
-        metadata=metadata, validation=validation, config=config, chosen=chosen,
-        simulators=simulators, figures=written)
+    results = _results(run, env_name, env, dataset, preset, seed, config, chosen, trained,
+                       everything, covariates, agent_ids, rows, planner, metadata, validation,
+                       skip)
     if env is None:
         results["config"] = own_data.settings(results["config"], everything)
     results["data"] = own_data.description(everything, metadata)
