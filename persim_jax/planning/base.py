@@ -22,10 +22,10 @@ class Planner(NamedTuple):
         action is () int32 (discrete) or (A,) float32 (continuous), the state
         carries the warm start to the next call.
       config: the planner's config dataclass.
-      sequence: continuous planners: `sequence(key, state, obs, dynamics) ->
-        (sequence (H, A), state)`, the whole action sequence whose first
-        action `plan` plays (for measuring a planner's objective; None
-        otherwise).
+      sequence: `sequence(key, state, obs, dynamics) -> (sequence (H,) or
+        (H, A), state)`, the whole action sequence whose first action `plan`
+        plays (for measuring a planner's objective, and the plan a decision
+        recommends; None for a planner that has none).
     """
 
     init: Callable[[], Any]

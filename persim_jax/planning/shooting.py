@@ -70,6 +70,11 @@ def random_shooting(config: RandomShootingConfig, reward_fn: RewardFn,
         return RandomShootingState(jnp.zeros((config.horizon,), jnp.int32), jnp.array(False))
 
     def plan(key, state: RandomShootingState, obs, dynamics):
+        best, state = plan_sequence(key, state, obs, dynamics)
+        return best[0], state
+
+    def plan_sequence(key, state: RandomShootingState, obs, dynamics):
+        """(the best candidate (H,), whose first action is played; state)."""
         candidates = jax.random.randint(
             key, (config.num_candidates, config.horizon), 0, config.num_actions, jnp.int32)
         if config.warm_start:
@@ -79,6 +84,6 @@ def random_shooting(config: RandomShootingConfig, reward_fn: RewardFn,
         scores = score_sequences(dynamics, reward_fn, terminated_fn, obs, candidates, config,
                                  num_actions=config.num_actions)
         best = candidates[jnp.argmax(scores)]
-        return best[0], RandomShootingState(best, jnp.array(True))
+        return best, RandomShootingState(best, jnp.array(True))
 
-    return Planner(init, plan, config)
+    return Planner(init, plan, config, plan_sequence)
