@@ -112,6 +112,60 @@ def define_loader_flags() -> None:
                       "magnitude (by default an error naming the line and column).")
 
 
+def define_decision_flags() -> None:
+    """Own data: decisions (`experiments.decisions`)."""
+    flags.DEFINE_bool("decide", False,
+                      "Own data: a recommended plan per agent and each policy's value per agent "
+                      "on its simulator (experiments/decisions.py).")
+    flags.DEFINE_string("reward", None,
+                        "Own data: your reward, FILE.py:FUNCTION or package.module:function, "
+                        "reward(obs, action, next_obs) -> scalar in JAX (default: the env's, "
+                        "else a reward model fitted on the file's reward column).")
+    flags.DEFINE_string("terminated", None,
+                        "Own data: your termination, FILE.py:FUNCTION, terminated(next_obs) -> "
+                        "bool (default: the env's, else none).")
+    flags.DEFINE_list("policies", [],
+                      "Own data: your candidate policies, FILE.py:FUNCTION,..., each "
+                      "policy(key, obs) -> action; valued beside the logged actions and MPC.")
+    flags.DEFINE_list("decision_agents", None, "Own data: the agents (your ids) to decide for; "
+                      "default all.")
+    flags.DEFINE_integer("decision_horizon", 20, "Own data: steps of each policy's value.")
+    flags.DEFINE_integer("decision_starts", 4,
+                         "Own data: logged states per agent each policy is valued from.")
+    flags.DEFINE_list("action_low", None, "Own data: continuous actions' lower bound (one value "
+                      "or one per dimension; default: the data's per-column minimum).")
+    flags.DEFINE_list("action_high", None, "Own data: continuous actions' upper bound (default: "
+                      "the data's per-column maximum).")
+
+
+def decision_request_from_flags():
+    """The `decisions.DecisionRequest` of the flags, or None without --decide
+    (a decision flag without --decide is an error, not silently ignored)."""
+    from experiments import decisions
+
+    given = [name for name in ("reward", "terminated", "policies", "decision_agents",
+                               "action_low", "action_high") if FLAGS[name].present]
+    if not FLAGS.decide:
+        if given:
+            raise UserError(f"--{given[0]}: applies with --decide")
+        return None
+
+    def floats(name):
+        values = FLAGS[name].value
+        if values is None:
+            return None
+        try:
+            return tuple(float(v) for v in values)
+        except ValueError:
+            raise UserError(f"--{name}: expected numbers; got {','.join(values)}") from None
+
+    return decisions.DecisionRequest(
+        reward=FLAGS.reward, terminated=FLAGS.terminated, policies=tuple(FLAGS.policies),
+        agents=None if FLAGS.decision_agents is None else tuple(FLAGS.decision_agents),
+        horizon=FLAGS.decision_horizon, starts=FLAGS.decision_starts,
+        action_low=floats("action_low"), action_high=floats("action_high"))
+
+
 def overrides_from_flags() -> dict:
     """The `RunConfig` fields the command line sets (None: the preset's), of
     the flags this command defines."""

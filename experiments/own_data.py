@@ -15,7 +15,7 @@ import zipfile
 import numpy as np
 
 import envs
-from experiments import personalisation
+from experiments import minari_data, personalisation
 from experiments.cache import RunDirectory, say
 from experiments.config import RunConfig, UserError
 from experiments.stages import covariate_names, train_stage
@@ -47,13 +47,22 @@ OWN_DATA_SETTINGS = ("trials", "rank", "rank_used", "ensemble_size", "epochs", "
 
 
 def run_name(dataset: str) -> str:
-    """The run directory's name of a user's file: its name without extension."""
+    """The run directory's name of a user's file: its name without extension
+    (of `minari:<id>`: `minari_data.run_name`)."""
+    if minari_data.is_minari(dataset):
+        return minari_data.run_name(dataset)
     return os.path.splitext(os.path.basename(dataset))[0]
 
 
 def load(path: str, env_name: str | None, loader_options: dict | None = None):
     """(Transitions, metadata) of the user's file, read with `loader_options`
     (`LOADER_DEFAULTS`' keys); UserError names any problem."""
+    if minari_data.is_minari(path):        # a local Minari dataset: `minari_data`
+        transitions, metadata = minari_data.load(
+            path, {**LOADER_DEFAULTS, **(loader_options or {})}, LOADER_DEFAULTS)
+        if env_name is not None:
+            check_matches_env(transitions, envs.make(env_name), path)
+        return transitions, metadata
     if not os.path.isfile(path):
         raise UserError(f"--dataset: no such file: {path}")
     options = {**LOADER_DEFAULTS, **(loader_options or {})}
@@ -85,6 +94,8 @@ def load_user_file(path: str, options: dict | None = None):
     file holds `agent_keys`) or long format (.csv / .parquet, the columns
     named by `options`, any agent ids mapped to 0..N-1)."""
     options = {**LOADER_DEFAULTS, **(options or {})}
+    if minari_data.is_minari(path):
+        return minari_data.load(path, options, LOADER_DEFAULTS)[0]
     extension = os.path.splitext(path)[1].lower()
     loaders = {".npz": data.load_npz, ".csv": data.load_csv, ".parquet": data.load_parquet}
     if extension not in loaders:
@@ -129,21 +140,28 @@ def split(transitions):
     return transitions.select(train_index), held_out
 
 
-def personalisation_stage(run: RunDirectory, config: RunConfig, everything, training, held_out,
-                          trained: dict, seed: int, dataset_digest: str) -> dict:
-    """Own data: PerSim, the population model and "no change" on the held-out
-    end of every trajectory (`experiments.personalisation`). The population
-    model is trained here (one trial) unless --methods already trained it.
-
-    Args:
-      everything: all transitions; training: the first 80 % of each agent's;
-      held_out: (H,) indices into `everything` of the last 20 %.
-      trained: {method name: [one per trial]} of the run's methods.
-    """
+def population_models(run: RunDirectory, config: RunConfig, training, trained: dict,
+                      seed: int, dataset_digest: str) -> list:
+    """The population model, [one per trial]: --methods' own, else trained
+    here (one trial) on `training`."""
     population = trained.get(methods.Population.name)
     if population is None:
         population, _ = train_stage(run, methods.Population(config.training()), training, 1,
                                     seed, dataset_digest, None)
+    return population
+
+
+def personalisation_stage(run: RunDirectory, config: RunConfig, everything, training, held_out,
+                          trained: dict, population: list) -> dict:
+    """Own data: PerSim, the population model and "no change" on the held-out
+    end of every trajectory (`experiments.personalisation`).
+
+    Args:
+      everything: all transitions; training: the first 80 % of each agent's;
+      held_out: (H,) indices into `everything` of the last 20 %.
+      trained: {method name: [one per trial]} of the run's methods;
+      population: the population model (`population_models`).
+    """
     steps = config.open_loop_steps or personalisation.DEFAULT_OPEN_LOOP_STEPS
     spread = np.asarray(training.obs, np.float64).std(axis=0)
     start = time.time()

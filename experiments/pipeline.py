@@ -22,7 +22,7 @@ import jax
 import numpy as np
 
 import envs
-from experiments import own_data
+from experiments import decisions, own_data
 from experiments.cache import RunDirectory, digest, say
 from experiments.config import RunConfig, UserError
 from experiments.datagen import datasets
@@ -70,9 +70,10 @@ def load_dataset(env_name: str | None, dataset: str, config: RunConfig, seed: in
         transitions, metadata = datasets.load_or_generate(
             env_name, dataset, data_dir=data_dir, seed=seed, num_agents=config.num_agents)
         return transitions, metadata, dataset
-    if not os.path.isfile(dataset) and os.sep not in dataset and "." not in dataset:
+    if (not os.path.isfile(dataset) and os.sep not in dataset and "." not in dataset
+            and not dataset.startswith("minari:")):
         raise UserError(f"--dataset: {dataset!r} is neither one of "
-                        f"{', '.join(datasets.DATASETS)} nor a file")
+                        f"{', '.join(datasets.DATASETS)}, a file nor minari:<id>")
     transitions, metadata = own_data.load(dataset, env_name, loader_options)
     return transitions, metadata, own_data.run_name(dataset)
 
@@ -194,14 +195,21 @@ def _open_run(env_name, dataset, config, seed, out_dir, data_dir, force, loader_
 
 def run_pipeline(env_name: str | None, dataset: str, config: RunConfig, *, preset: str,
                  seed: int, out_dir: str, data_dir: str, force: bool = False,
-                 skip: Sequence[str] = (), loader_options: dict | None = None) -> dict:
+                 skip: Sequence[str] = (), loader_options: dict | None = None,
+                 decide: decisions.DecisionRequest | None = None) -> dict:
     """Runs every stage and returns the results dict (also `results.json`):
     the paper's pipeline for its datasets, the own-data pipeline for a file.
     `loader_options` say how to read the user's long-format file
-    (`own_data.LOADER_DEFAULTS`)."""
-    run = paper_pipeline if is_paper_dataset(dataset) else own_data_pipeline
-    return run(env_name, dataset, config, preset=preset, seed=seed, out_dir=out_dir,
-               data_dir=data_dir, force=force, skip=skip, loader_options=loader_options)
+    (`own_data.LOADER_DEFAULTS`); `decide` asks for decisions on it."""
+    if is_paper_dataset(dataset):
+        if decide is not None:
+            raise UserError("--decide: decisions are made on your own data (--dataset=FILE); "
+                            "export a paper dataset with data.save_csv to decide on it")
+        return paper_pipeline(env_name, dataset, config, preset=preset, seed=seed,
+                              out_dir=out_dir, data_dir=data_dir, force=force, skip=skip)
+    return own_data_pipeline(env_name, dataset, config, preset=preset, seed=seed,
+                             out_dir=out_dir, data_dir=data_dir, force=force, skip=skip,
+                             loader_options=loader_options, decide=decide)
 
 
 def _evaluate(run, env, chosen, trained: Trained, covariates, agent_ids, config, seed, skip):
@@ -249,10 +257,13 @@ def paper_pipeline(env_name: str, dataset: str, config: RunConfig, *, preset: st
 
 def own_data_pipeline(env_name: str | None, dataset: str, config: RunConfig, *, preset: str,
                       seed: int, out_dir: str, data_dir: str, force: bool = False,
-                      skip: Sequence[str] = (), loader_options: dict | None = None) -> dict:
+                      skip: Sequence[str] = (), loader_options: dict | None = None,
+                      decide: decisions.DecisionRequest | None = None) -> dict:
     """The user's file: the methods learn each agent's first 80 %, the
     personalisation stage scores them on the last 20 %; with an env whose
-    agents units 0..4 are, the paper's evaluation of those agents too."""
+    agents units 0..4 are, the paper's evaluation of those agents too; with
+    `decide`, a plan and each policy's value per agent
+    (`experiments.decisions`)."""
     total_start = time.time()
     env, everything, metadata, run, chosen = _open_run(env_name, dataset, config, seed, out_dir,
                                                        data_dir, force, loader_options)
@@ -263,14 +274,21 @@ def own_data_pipeline(env_name: str | None, dataset: str, config: RunConfig, *, 
     trained = train_methods(run, chosen, transitions, config, seed, dataset_key, agent_ids)
     rows, planner = _evaluate(run, env, chosen, trained, covariates, agent_ids, config, seed,
                               skip)
+    population = own_data.population_models(run, config, transitions, trained.models, seed,
+                                            digest(dataset_key))
     validation = own_data.personalisation_stage(run, config, everything, transitions, held_out,
-                                                trained.models, seed, digest(dataset_key))
+                                                trained.models, population)
     results = _results(run, env_name, env, dataset, preset, seed, config, chosen, trained,
                        everything, covariates, agent_ids, rows, planner, metadata, validation,
                        skip)
     if env is None:
         results["config"] = own_data.settings(results["config"], everything)
     results["data"] = own_data.description(everything, metadata)
+    if decide is not None:
+        results.update(decisions.decide(decide, config, env, everything, transitions,
+                                        everything.select(held_out),
+                                        trained.models[methods.PerSim.name][0], population[0],
+                                        seed))
     return write_outputs(run, results, total_start)
 
 

@@ -162,15 +162,25 @@ def reward_section(results: dict, rows_paper: dict) -> str:
 
     def row(label, method, fmt):
         means, stds = method.get("mean") or [], method.get("std") or []
-        cells = [f"{fmt(_at(means, i))} ± {fmt(_at(stds, i))}" for i in range(n)]
+        single = _one_return(method)          # one episode of one trial: no spread
+        cells = [f"{fmt(_at(means, i))} ± {DASH if single else fmt(_at(stds, i))}"
+                 for i in range(n)]
         return [label, *cells, fixed_digits(mean_or_none(means), 1)]
 
     ours_fmt = lambda x: fixed_digits(x, 1)  # noqa: E731
     if ours:
-        spread = (f" PerSim's ± is over {ours['std_over']}, as every trained method's; "
-                  f"True env + MPC's over episodes." if ours.get("std_over") else "")
-        lines.insert(2, f"{ours.get('episodes', '?')} episode(s) per test agent per trial, "
-                        f"{ours.get('trials', '?')} trial(s).{spread}\n")
+        policy = (results.get("config") or {}).get("policy_episodes")
+        model_free = policy and any(method_row(results, m, "reward") for m in ("bcq_p", "bcq_a"))
+        spread = (f" Our ± is the std over {ours['std_over']}"
+                  + (" (of each trial's mean over its episodes)" if ours["std_over"] == "trials"
+                     else " of the one trial") + " for every trained method; True env + MPC's "
+                  "over its episodes. The paper's ± is the std over its 5 trials."
+                  if ours.get("std_over") else "")
+        single = " ± –: one episode of one trial, no spread." if _one_return(ours.get(
+            "persim") or {}) else ""
+        lines.insert(2, f"{ours.get('episodes', '?')} MPC episode(s) per test agent per trial"
+                        + (f" ({policy} for the BCQ policies)" if model_free else "")
+                        + f", {ours.get('trials', '?')} trial(s).{spread}{single}\n")
     paper_reward = {**rows_paper.get("reward", {}),
                     "true_env_mpc": rows_paper.get("true_env_mpc")}
     rows = []
@@ -183,6 +193,12 @@ def reward_section(results: dict, rows_paper: dict) -> str:
         if paper_reward.get(key):
             rows.append(row(f"{name} (paper)", paper_reward[key], _printed))
     return "\n".join(lines + [markdown_table(header, rows), ""])
+
+
+def _one_return(row: dict) -> bool:
+    """A reward row whose returns are one episode of one trial per agent."""
+    returns = row.get("returns")
+    return bool(returns) and len(returns) == 1 and all(len(agent) == 1 for agent in returns[0])
 
 
 def method_row(results: dict, method: str, section: str) -> dict | None:
@@ -366,7 +382,8 @@ def render_own_data_report(results: dict, figure_dir: str | None = None) -> str:
     parts = [_own_data_header(results), _validation_section(results)]
     if (results.get("validation") or {}).get("per_agent") is not None:
         parts.append(_own_data_how_to_read(results))
-    parts += [_own_data_figures(results, figure_dir), _timing_section(results)]
+    parts += [_decisions_section(results), _own_data_figures(results, figure_dir),
+              _timing_section(results)]
     return "\n".join(p for p in parts if p).rstrip() + "\n"
 
 
@@ -462,6 +479,13 @@ def _settings_line(config: dict) -> str:
     return ", ".join(parts)
 
 
+def _decisions_section(results: dict) -> str:
+    """Own data with --decide: the plan and policy values per agent."""
+    from experiments import decisions
+
+    return "\n".join(decisions.report_lines(results))
+
+
 def render_report(results: dict, figure_dir: str | None = None) -> str:
     """The Markdown report of one results.json dict.
 
@@ -496,6 +520,7 @@ def render_report(results: dict, figure_dir: str | None = None) -> str:
         prediction_section(results, rows_paper),
         reward_section(results, rows_paper),
         _validation_section(results),
+        _decisions_section(results),
         _how_to_read(results, has_paper),
         _figures_section(results, figure_dir),
         _timing_section(results),

@@ -3,6 +3,7 @@
     python -m experiments.run --env=cartpole --dataset=pure            # quick preset
     python -m experiments.run --env=halfcheetah --dataset=random --preset=paper   # a GPU
     python -m experiments.run --env=cartpole --dataset=my_logs.csv     # your own data
+    python -m experiments.run --dataset=minari:persim/cartpole/pure-v0 # a local Minari dataset
     python -m experiments.run --env=mountaincar --dataset=random --rank=5 --epochs=50
 
 Stages, each shown as it runs and skipped on a re-run when its inputs and
@@ -40,6 +41,9 @@ reports whether personalisation helps on the last 20 % (one-step and
 `--open_loop_steps` open-loop error per agent and state dimension,
 `experiments.personalisation`); given `--env` and covariates in the file
 (units 0..4 inside the env's ranges), it also plans for those agents.
+`--decide` (with `--reward=FILE.py:FUNCTION`, `--policies=...`) adds a
+recommended plan per agent and each policy's value per agent on its
+simulator, with the ensemble's spread (`experiments.decisions`).
 """
 
 from __future__ import annotations
@@ -71,8 +75,8 @@ def define_flags() -> None:
     flags.DEFINE_enum("env", None, list(envs.ENV_NAMES),
                       "Environment (its physics, known reward and test agents).")
     flags.DEFINE_string("dataset", "pure",
-                        f"One of {', '.join(datasets.DATASETS)}, or a path to your own .npz / "
-                        f".csv / .parquet file.")
+                        f"One of {', '.join(datasets.DATASETS)}, a path to your own .npz / "
+                        f".csv / .parquet file, or minari:<id> (a local Minari dataset).")
     flags.DEFINE_enum("preset", "quick", ["quick", "paper"],
                       "quick: sized for a 2-core CPU; paper: the paper's settings (a GPU).")
     flags.DEFINE_integer("seed", 0, "Seed of the dataset, training (trial k uses seed + k) and "
@@ -83,6 +87,7 @@ def define_flags() -> None:
     flags.DEFINE_bool("force", False, "Redo every stage, even those already done.")
     cli.define_config_flags()
     cli.define_loader_flags()
+    cli.define_decision_flags()
 
 
 def run_from_flags() -> int:
@@ -94,7 +99,8 @@ def run_from_flags() -> int:
     results = run_pipeline(FLAGS.env, FLAGS.dataset, config, preset=FLAGS.preset,
                            seed=FLAGS.seed, out_dir=FLAGS.out_dir, data_dir=FLAGS.data_dir,
                            force=FLAGS.force, skip=tuple(FLAGS.skip),
-                           loader_options=cli.loader_options_from_flags())
+                           loader_options=cli.loader_options_from_flags(),
+                           decide=cli.decision_request_from_flags())
     report_path = os.path.join(FLAGS.out_dir, results["env"] or "custom",
                                run_name(FLAGS.dataset), "report.md")
     with open(report_path) as handle:

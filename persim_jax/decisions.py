@@ -149,7 +149,7 @@ def rollout_return(key, actor: Actor, env, params, obs, member, horizon: int) ->
 
 
 def policy_values(key, env, actor_for: Callable, agents, starts, horizon: int, *,
-                  logged=None, members: int | None = None) -> Array:
+                  logged=None, members: int | None = None, env_agents=None) -> Array:
     """(K, S, M) returns of an actor per agent, start state and member.
 
     Args:
@@ -163,6 +163,9 @@ def policy_values(key, env, actor_for: Callable, agents, starts, horizon: int, *
       logged: (K, S, H[, A]) the logged actions after each start (what a
         `LoggedActor` replays); None gives the actor zeros.
       members: how many members drive rollouts (default: the ensemble's).
+      env_agents: (K,) the agents' indices in `env` when they differ from
+        `agents` (the actor's): e.g. the population model's one agent 0,
+        valuing a policy that plans on each agent's own simulator.
     """
     agents = jnp.asarray(agents, jnp.int32)
     starts = jnp.asarray(starts, jnp.float32)
@@ -172,14 +175,16 @@ def policy_values(key, env, actor_for: Callable, agents, starts, horizon: int, *
     members = env.simulator.ensemble_size if members is None else members
     keys = jax.random.split(key, num_agents * num_starts).reshape(num_agents, num_starts, -1)
 
-    def one(key, agent, obs, actions, member):
-        params = env.agent_params(0).replace(agent=agent)
+    env_agents = agents if env_agents is None else jnp.asarray(env_agents, jnp.int32)
+
+    def one(key, agent, env_agent, obs, actions, member):
+        params = env.agent_params(0).replace(agent=env_agent)
         return rollout_return(key, actor_for(agent, actions), env, params, obs, member, horizon)
 
-    over_members = jax.vmap(one, in_axes=(None, None, None, None, 0))
-    over_starts = jax.vmap(over_members, in_axes=(0, None, 0, 0, None))
-    over_agents = jax.vmap(over_starts, in_axes=(0, 0, 0, 0, None))
-    return jax.jit(over_agents)(keys, agents, starts, jnp.asarray(logged),
+    over_members = jax.vmap(one, in_axes=(None, None, None, None, None, 0))
+    over_starts = jax.vmap(over_members, in_axes=(0, None, None, 0, 0, None))
+    over_agents = jax.vmap(over_starts, in_axes=(0, 0, 0, 0, 0, None))
+    return jax.jit(over_agents)(keys, agents, env_agents, starts, jnp.asarray(logged),
                                 jnp.arange(members, dtype=jnp.int32))
 
 
@@ -237,20 +242,27 @@ def summarize(values) -> dict:
             "max": float(values.max())}
 
 
-def ranking(values: dict) -> dict:
+def ranking(values: dict, tolerance: float = 1e-6) -> dict:
     """The policies ranked by one agent's ensemble-mean value, and how sure
-    the ensemble is: the share of members whose own values put the same
-    policy first.
+    the ensemble is.
 
     Args:
       values: {policy name: (M,) values of that agent}.
+      tolerance: values closer than tolerance · (1 + |best|) are tied.
 
     Returns:
-      {"order": [names, best first], "best": name, "agreement": float in [0, 1]}.
+      {"order": [names, best first], "best": the first name, or None when
+      several tie for first, "tied": [the names tied for first],
+      "agreement": the share of members whose own values put `best` at
+      least level with every other policy (1.0 for a tie)}.
     """
     names = list(values)
     table = np.stack([np.asarray(values[name], np.float64) for name in names])   # (P, M)
-    order = [names[i] for i in np.argsort(-table.mean(axis=1), kind="stable")]
-    per_member = np.argmax(table, axis=0)                                      # (M,)
-    agreement = float(np.mean(per_member == names.index(order[0])))
-    return {"order": order, "best": order[0], "agreement": agreement}
+    means = table.mean(axis=1)
+    order = np.argsort(-means, kind="stable")
+    top = means[order[0]]
+    tied = [names[i] for i in order if top - means[i] <= tolerance * (1.0 + abs(top))]
+    best = order[0]
+    level = table[best] >= table.max(axis=0) - tolerance * (1.0 + np.abs(table[best]))
+    return {"order": [names[i] for i in order], "best": names[best] if len(tied) == 1 else None,
+            "tied": tied, "agreement": float(np.mean(level))}
