@@ -112,14 +112,15 @@ def bootstrap_difference(returns_a, returns_b, *, num_resamples: int = NUM_RESAM
 
 def _resampled(a: np.ndarray, b: np.ndarray) -> str:
     def one(x):
-        return f"{x.shape[0]} trial(s) × {x.shape[2]} episode(s)"
+        return f"{x.shape[0]} trial{'s' if x.shape[0] > 1 else ''} × {x.shape[2]} episode" + (
+            "s" if x.shape[2] > 1 else "")
     sizes = one(a) if (a.shape[0], a.shape[2]) == (b.shape[0], b.shape[2]) else \
-        f"{one(a)} against {one(b)}"
+        f"{one(a)} vs {one(b)}"
     if max(a.shape[0], a.shape[2]) == 1 or max(b.shape[0], b.shape[2]) == 1:
-        return f"{sizes} per agent: one return, no noise to resample"
+        return f"{sizes} per agent: no noise to resample"
     what = "trials and episodes" if max(a.shape[0], b.shape[0]) > 1 else \
-        "episodes of one trial (no training noise)"
-    return f"bootstrap over {what}, {sizes} per agent"
+        "episodes (one trial: no training noise)"
+    return f"bootstrap over {what}; {sizes} per agent"
 
 
 def normal_difference(mean_a, se_a, mean_b, se_b, *, over: str,
@@ -138,11 +139,11 @@ def normal_difference(mean_a, se_a, mean_b, se_b, *, over: str,
             difference):
         return Interval(difference, None, None, over)
     se = float(np.sqrt(np.sum(se_a ** 2 + se_b ** 2))) / len(mean_a)
-    z = _normal_quantile(0.5 + confidence / 2)
+    z = normal_quantile(0.5 + confidence / 2)
     return Interval(difference, difference - z * se, difference + z * se, over)
 
 
-def _normal_quantile(p: float) -> float:
+def normal_quantile(p: float) -> float:
     """The standard normal's p-quantile (bisection on erf: no scipy needed)."""
     low, high = -10.0, 10.0
     for _ in range(100):

@@ -217,11 +217,34 @@ def _rerun_mark(record_dir: str, preset: str, results: dict) -> str:
     return f"**differs**: {outcome.get('differing_fields')} fields ({outcome.get('date')})"
 
 
+# Timings that are part of another: dataset generation is inside "dataset".
+NESTED_TIMINGS = frozenset({"total", "dataset_generation"})
+
+
+def stage_seconds(results: dict) -> float | None:
+    """The seconds of a cell's stages, each as long as the run that did it
+    took (`timing_s` without "total" and the nested "dataset_generation")."""
+    timing = results.get("timing_s") or {}
+    values = [v for k, v in timing.items() if k not in NESTED_TIMINGS and report.is_number(v)]
+    return sum(values) if values else None
+
+
+def cell_sizes(results: dict) -> tuple[str, str]:
+    """("5", "20 / 100 / 200"): a cell's trials, and its episodes per test
+    agent and trial: MPC / policy (BCQ) / prediction; – where none ran."""
+    reward = results.get("reward") or {}
+    prediction = results.get("prediction") or {}
+    policy = (results.get("config") or {}).get("policy_episodes")
+    model_free = any(report.method_row(results, m, "reward") for m in ("bcq_p", "bcq_a"))
+    sizes = [reward.get("episodes"), policy if model_free else None, prediction.get("episodes")]
+    return (str(reward.get("trials") or prediction.get("trials") or report.DASH),
+            " / ".join(report.DASH if x is None else str(x) for x in sizes))
+
+
 def _headline_row(record_dir: str, preset: str, results: dict) -> list[str]:
     rows_paper = paper.paper_rows(results["env"], results["dataset"])
     ours_true = report.method_row(results, "true_env_mpc", "reward")
     timing = results.get("timing_s") or {}
-    seconds = sum(v for k, v in timing.items() if k != "total" and report.is_number(v))
     return [
         f"[{cell_name(results)}]({results['env']}/{results['dataset']}/report.md)",
         report.fixed_digits(mean_of(results, "persim", "prediction", "rmse"), 3),
@@ -230,17 +253,30 @@ def _headline_row(record_dir: str, preset: str, results: dict) -> list[str]:
         report.fixed_digits(report.mean_or_none((rows_paper["reward"].get("persim") or {}).get("mean")), 1),
         report.fixed_digits(report.mean_or_none((ours_true or {}).get("mean")), 1),
         report.fixed_digits(report.mean_or_none((rows_paper["true_env_mpc"] or {}).get("mean")), 1),
-        str(len(results.get("methods") or {})), report.fixed_digits(seconds, 0),
+        str(len(results.get("methods") or {})), *cell_sizes(results),
+        report.fixed_digits(stage_seconds(results), 0), report.fixed_digits(timing.get("total"), 0),
         _rerun_mark(record_dir, preset, results)]
 
 
 def _headline_section(record_dir: str, preset: str, cells: list[dict]) -> list[str]:
     header = ["cell", "PerSim RMSE ours", "paper", "PerSim reward ours", "paper",
-              "True env + MPC ours", "paper", "methods", "stage seconds", "re-run from nothing"]
+              "True env + MPC ours", "paper", "methods", "trials",
+              "episodes per agent: MPC / BCQ / prediction", "stage seconds", "last run seconds",
+              "re-run from nothing"]
     rows = [_headline_row(record_dir, preset, results) for results in cells]
     return ["## Headline: means over the 5 test agents", "",
-            "The last column: `--verify` re-ran the cell from nothing (a new dataset, new "
-            "training) and compared every number with the record, timings aside.", "",
+            "No ± here: each cell's section gives the spreads, each saying what it is over. The "
+            "paper's numbers are means over its 5 trials of 20 MPC (100 BCQ) episodes per test "
+            "agent and 200 prediction episodes.", "",
+            "Seconds: a cell's stages may have run in several invocations (an interrupted run "
+            "resumed, a method added later, a cell re-recorded with its stages cached). Each "
+            "stage keeps the seconds of the invocation that did it, so \"stage seconds\" is the "
+            "compute that made the record (dataset generation counted once, inside the dataset "
+            "stage), while \"last run seconds\" (`timing_s.total`) is the wall time of the last "
+            "invocation alone, which reused every stage it found done: the two differ wherever "
+            "stages were reused, and the record does not say which were. The last column: "
+            "`--verify` re-ran the cell from nothing (a new dataset, new training) and compared "
+            "every number with the record, timings aside.", "",
             report.markdown_table(header, rows), ""]
 
 
@@ -252,6 +288,92 @@ def _cell_sections(cells: list[dict]) -> list[str]:
         for section in (report.prediction_section(results, rows_paper),
                         report.reward_section(results, rows_paper)):
             lines.append(section.replace("## ", "### ", 1))
+        lines += claims.cell_claims_table(results)
+    return lines
+
+
+# The settings the presets set, as (label, PRESETS key, the paper's value in words
+# where its protocol entry alone would mislead).
+SETTING_ROWS = (
+    ("trials (independently trained models)", "trials", None),
+    ("agents in the dataset", "num_agents", None),
+    ("ensemble members", "ensemble_size", None),
+    ("epochs", "epochs", None),
+    ("minibatch", "batch_size", None),
+    ("Adam step size", "learning_rate", None),
+    ("step size halved every (epochs)", "lr_halving_epochs",
+     "150 (the authors' code; the paper's text does not say)"),
+    ("inputs", "standardize", "not stated (the authors' final code: raw for CartPole and "
+     "MountainCar, standardised for HalfCheetah)"),
+    ("MPC episodes per test agent and trial", "episodes", None),
+    ("prediction episodes per test agent", "prediction_episodes", None),
+    ("True env + MPC", "true_env_mpc", None),
+    ("planner", None, "random shooting 1000 × 30 (CartPole), 1000 × 50 (MountainCar); CEM "
+     "200 × 30, 50 elites, 1 + 5 rounds (HalfCheetah)"),
+    ("BCQ iterations", "bcq_iterations", None),
+    ("BCQ episodes per test agent and trial", "policy_episodes", None),
+    ("CaDM iterations", "cadm_iterations", None),
+    ("CaDM (context, transition) pairs per epoch", "cadm_pairs_per_epoch", None),
+    ("PE-TS CaDM particles", "cadm_particles", None),
+)
+PLANNER_KEYS = ("candidates", "horizon", "cem_rounds", "cem_elites")
+
+
+def _setting_text(key: str, value) -> str:
+    if key == "standardize":
+        return "standardised" if value else "raw"
+    if key == "cadm_pairs_per_epoch" and value is None:
+        return "every pair"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, int) and value >= 1_000:
+        return f"{value:,}"
+    return str(value)
+
+
+def _planner_text(settings: dict) -> tuple[str, bool]:
+    if all(settings.get(k) is None for k in PLANNER_KEYS):
+        return "the paper's", False
+    return (f"CEM {settings.get('candidates')} × {settings.get('horizon')}, "
+            f"{settings.get('cem_elites')} elites, 1 + {settings.get('cem_rounds')} rounds", True)
+
+
+def settings_section(preset: str) -> list[str]:
+    """REPORT.md's opening: the preset's settings per env beside the paper's
+    protocol (`paper.PAPER_PROTOCOL`), each departure in bold."""
+    envs = list(ALL_ENVS)
+    header = ["setting", "the paper", *[paper.display_name(env) for env in envs]]
+    rows, departures = [], []
+    for label, key, in_words in SETTING_ROWS:
+        theirs = in_words or _setting_text(key, paper.PAPER_PROTOCOL[key])
+        cells = []
+        for env in envs:
+            settings = paper.PRESETS[preset][env]
+            if key is None:
+                text, departs = _planner_text(settings)
+            else:
+                text = _setting_text(key, settings[key])
+                departs = key in paper.PAPER_PROTOCOL and settings[key] != paper.PAPER_PROTOCOL[key]
+            if departs:
+                departures.append(f"{paper.display_name(env)} {label} {text}")
+            cells.append(f"**{text}**" if departs else text)
+        rows.append([label, theirs, *cells])
+    lines = [f"## Settings: preset `{preset}` beside the paper's protocol", "",
+             "The paper's column is its text (section 6, appendix D-E; the baselines appendix "
+             "D.2); ours are `experiments/paper.py: PRESETS`. A departure from the paper is in "
+             "bold. Model sizes (rank, hidden layers) are the paper's in both presets.", "",
+             report.markdown_table(header, rows), ""]
+    if preset == "quick":
+        lines += ["**The quick cells are indicative, not a reproduction**: one trial (one "
+                  "trained model, so no training noise in any interval), a few MPC episodes per "
+                  "agent (HalfCheetah one, so its rewards have no interval at all), fewer epochs, "
+                  "a smaller planner for HalfCheetah and smaller baselines: every bold entry "
+                  f"above, {len(departures)} departures in all.", ""]
+    else:
+        lines += ["Departures of this preset from the paper's text: "
+                  + ("; ".join(departures) if departures else "none") + " (the minibatches "
+                  "measured better at the quick size, `experiments/paper.py: TRAINING`, "
+                  "`benchmarks/RESULTS.md`).", ""]
     return lines
 
 
@@ -269,6 +391,7 @@ def render(record_dir: str, preset: str, notes: claims.Notes | None = None) -> s
              "and `report.md` (every method, ours beside the paper's).", ""]
     if not cells:
         return "\n".join(lines + ["Nothing recorded yet.", ""])
+    lines += settings_section(preset)
     lines += _headline_section(record_dir, preset, cells)
     lines += claims.claims_section(cells, notes)
     lines += claims.departures_section(cells, notes)

@@ -92,7 +92,9 @@ def test_report_has_ours_and_papers_numbers(cartpole_results):
     assert "181.2 ± 1.5" in text            # PerSim reward, agent 1 (181.25 to 1 decimal)
     assert "199.0 ± 0.5" in text            # True env + MPC, agent 1
     assert "186.4" in text                  # Table 8 mean return
-    assert "PerSim's ± is over episodes" in text
+    # Every ± says what it is over: ours (episodes of one trial here) and the paper's.
+    assert "Our ± is the std over episodes of the one trial" in text
+    assert "The paper's ± is the std over its 5 trials." in text
     # The paper's numbers for cartpole / pure, formatted as the report prints them.
     persim_pred = tables["prediction"]["cartpole"]["pure"]["persim"]
     assert f"{persim_pred['rmse'][4]:.3f} ({persim_pred['r2_median'][4]:.3f})" in text

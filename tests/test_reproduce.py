@@ -9,59 +9,114 @@ import os
 
 import pytest
 
-from experiments import claims, reproduce
+from experiments import claims, report, reproduce
 
 NOTES = claims.load_notes()
 BY_TEXT = {claim.text: claim for claim in claims.CLAIMS}
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Episode noise of every method in `_results`: mean 0, std ~0.9, 5 episodes.
+NOISE = [-1.0, 1.0, -1.0, 1.0, 0.0]
+
+
+def _reward(mean):
+    returns = [[[mean + e for e in NOISE] for _ in range(5)]]          # (1 trial, 5, 5)
+    return {"mean": [mean] * 5, "std": [0.894] * 5, "returns": returns}
+
+
+def _prediction(rmse):
+    return {"rmse": [rmse] * 5, "rmse_std": [0.001] * 5, "r2_median": [0.9] * 5,
+            "episodes": 50, "trials": 1}
 
 
 def _results(persim_rmse, persim_reward, **others):
     """A results.json of MountainCar / random with `others` = {method: (rmse or
-    None, reward mean)}; std 1 everywhere."""
-    methods = {"persim": {"prediction": {"rmse": [persim_rmse] * 5, "r2_median": [1.0] * 5},
-                          "reward": {"mean": [persim_reward] * 5, "std": [1.0] * 5}}}
+    None, reward mean)}: every method's returns are its mean plus NOISE."""
+    methods = {"persim": {"prediction": _prediction(persim_rmse),
+                          "reward": _reward(persim_reward)}}
     for name, (rmse, reward) in others.items():
-        methods[name] = {"prediction": None if rmse is None else
-                         {"rmse": [rmse] * 5, "r2_median": [0.5] * 5},
-                         "reward": {"mean": [reward] * 5, "std": [1.0] * 5}}
+        methods[name] = {"prediction": None if rmse is None else _prediction(rmse),
+                         "reward": _reward(reward)}
     return {"env": "mountaincar", "dataset": "random", "preset": "quick",
             "test_agents": [[0.0001], [0.0005], [0.001], [0.0025], [0.0035]],
             "covariate_names": ["gravity"], "prediction": methods["persim"]["prediction"],
-            "reward": {"persim": methods["persim"]["reward"], "episodes": 5, "trials": 1},
-            "config": {"true_env_mpc": True}, "methods": methods, "timing_s": {"train": 10.0}}
+            "reward": {"persim": methods["persim"]["reward"], "episodes": 5, "trials": 1,
+                       "std_over": "episodes"},
+            "config": {"true_env_mpc": True, "policy_episodes": 20}, "methods": methods,
+            "timing_s": {"dataset": 5.0, "dataset_generation": 4.0, "train": 10.0,
+                         "total": 3.0}}
 
 
-def test_claims_and_done():
-    results = _results(0.01, -120.0, vanilla_cadm=(0.5, -300.0), bcq_p=(None, -100.0),
-                       true_env_mpc=(None, -119.5), population=(0.2, -200.0))
-    checks = {claim.text: claim.check(results) for claim in claims.CLAIMS}
-    assert checks["PerSim predicts better than Vanilla CaDM"] is True
-    assert checks["PerSim earns more than Vanilla CaDM"] is True
-    assert checks["PerSim earns more than BCQ-P"] is False
-    assert checks["PerSim is within True env + MPC's spread"] is True       # -120 >= -119.5 - 1
-    assert checks["PerSim predicts better than PE-TS CaDM"] is None         # not run
+def test_claims_have_verdicts_with_intervals_and_done():
+    results = _results(0.01, -120.0, vanilla_cadm=(0.5, -120.0), bcq_p=(None, -100.0),
+                       true_env_mpc=(None, -150.0), population=(0.2, -200.0))
+    verdicts = {claim.text: claim.verdict(results) for claim in claims.CLAIMS}
+    predicted = verdicts["PerSim predicts better than Vanilla CaDM"]
+    assert predicted.outcome == "holds"
+    assert predicted.interval.low < predicted.interval.difference < predicted.interval.high < 0
+    assert "episode noise only" in predicted.interval.over
+    # The same mean reward: the interval covers 0.
+    same = verdicts["PerSim earns more than Vanilla CaDM"]
+    assert same.outcome == "inconclusive" and same.interval.low < 0 < same.interval.high
+    assert verdicts["PerSim earns more than BCQ-P"].outcome == "fails"
+    assert "5 episodes vs 1 trial × 5 episodes" not in verdicts[
+        "PerSim earns more than BCQ-P"].interval.over
+    assert verdicts["PerSim is within True env + MPC's spread"].outcome == "holds"
+    assert verdicts["The population model earns less than PerSim"].outcome == "holds"
+    assert verdicts["PerSim predicts better than PE-TS CaDM"] is None          # not run
     assert reproduce.is_done(results, "quick", ["persim", "bcq_p"])
     assert not reproduce.is_done(results, "quick", ["all"])
     assert not reproduce.is_done(results, "paper", ["persim"])
 
 
-def test_a_failing_claim_says_what_is_measured_about_it():
+def test_one_episode_of_one_trial_is_inconclusive_and_printed_without_spread():
+    results = _results(0.01, 300.0, bcq_p=(None, -100.0))
+    for row in (results["methods"]["persim"]["reward"], results["methods"]["bcq_p"]["reward"]):
+        row["returns"] = [[[m] for m in row["mean"]]]                     # (1, 5, 1)
+        row["std"] = [0.0] * 5
+    verdict = BY_TEXT["PerSim earns more than BCQ-P"].verdict(results)
+    assert verdict.outcome == "inconclusive" and verdict.interval.low is None
+    assert "no noise to resample" in verdict.interval.over
+    text = report.reward_section(results, {})
+    assert "300.0 ± –" in text and "one episode of one trial, no spread" in text
+
+
+def test_the_papers_own_numbers_get_their_own_verdicts():
+    bcq = BY_TEXT["PerSim earns more than BCQ-P"].paper_verdict("halfcheetah", "pure")
+    assert bcq.outcome == "fails" and not bcq.means_only
+    assert bcq.interval.high < 0 and "5 trials" in bcq.interval.over
+    # MountainCar / pure: the paper's PerSim above its BCQ-P, inside its trials' noise.
+    assert BY_TEXT["PerSim earns more than BCQ-P"].paper_verdict(
+        "mountaincar", "pure").outcome == "inconclusive"
+    prediction = BY_TEXT["PerSim predicts better than Vanilla CaDM"].paper_verdict(
+        "cartpole", "pure")
+    assert prediction.outcome == "holds" and prediction.means_only
+    assert BY_TEXT["The population model predicts worse than PerSim"].paper_verdict(
+        "cartpole", "pure") is None
+
+
+def test_a_claim_that_does_not_hold_says_what_is_known_about_it():
     results = _results(0.01, -120.0, bcq_p=(None, -100.0), true_env_mpc=(None, -119.5),
                        vanilla_cadm=(0.5, -110.0))
     bcq = claims.claim_notes(results, BY_TEXT["PerSim earns more than BCQ-P"], NOTES)
-    assert "bootstraps on `done`" in bcq[0]
-    assert bcq[1].startswith("BCQ-P (-100.0) also earns more than True env + MPC (-119.5)")
+    assert bcq[0].startswith("Hypothesis: ") and "bootstraps on `done`" in bcq[0]
+    assert "`python -m experiments.diagnostics.bcq_bootstrap --record`" in bcq[0]
+    assert bcq[1] == ("BCQ-P (-100.0) also earns more than True env + MPC (-119.5), the paper's "
+                      "planner on each agent's exact dynamics.")
+    # Where PerSim too earns more than True env + MPC, the record says it is no upper bound.
+    above = _results(0.01, -110.0, bcq_p=(None, -100.0), true_env_mpc=(None, -119.5))
+    assert "no upper bound" in claims.claim_notes(
+        above, BY_TEXT["PerSim earns more than BCQ-P"], NOTES)[-1]
     assert len(claims.claim_notes(results, BY_TEXT["PerSim earns more than Vanilla CaDM"],
                                   NOTES)) == 1
     # HalfCheetah / pure: the paper's own BCQ-P earns more than its PerSim.
     cheetah = dict(results, env="halfcheetah", dataset="pure")
-    assert claims.claim_notes(cheetah, BY_TEXT["PerSim earns more than BCQ-P"], NOTES)[0] == (
-        "The paper's own numbers do not hold it either (PerSim 451.7, BCQ-P 1505).")
+    assert claims.claim_notes(cheetah, BY_TEXT["PerSim earns more than BCQ-P"], NOTES)[
+        0].startswith("On the paper's own numbers: fails (PerSim 451.7, BCQ-P 1505), difference")
     # A note of one preset's size stays out of the other preset's record.
     cheetah = dict(results, env="halfcheetah", preset="paper")
     assert claims.claim_notes(cheetah, BY_TEXT["PerSim earns more than Vanilla CaDM"],
                               NOTES)[:1] != [
-        NOTES.claims[("reward_vs_vanilla_cadm", "halfcheetah", "random", "quick")].text]
+        NOTES.claims[("reward_vs_vanilla_cadm", "halfcheetah", "random", "quick")].render()]
     ids = {claim.id for claim in claims.CLAIMS}
     assert {key[0] for key in NOTES.claims} <= ids
     assert {key[0] for key in NOTES.causes} <= set(claims.ALL_METHODS)
@@ -69,16 +124,63 @@ def test_a_failing_claim_says_what_is_measured_about_it():
                for key in (*NOTES.claims, *NOTES.causes))
 
 
-def test_notes_are_data_beside_the_record_and_name_their_sources(tmp_path):
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+def test_every_note_rests_on_a_committed_file_that_supplies_its_numbers():
+    with open(claims.NOTES_PATH, encoding="utf-8") as handle:
+        raw = json.load(handle)
+    entries = raw["departure_causes"] + raw["claim_notes"]
+    assert len(entries) == len(NOTES.causes) + len(NOTES.claims)
+    for index, entry in enumerate(entries):
+        note = claims.resolve_note(entry, f"entry {index}")
+        assert note.kind in claims.NOTE_KINDS and note.command.startswith("python -m ")
+        assert note.files[0] == entry["file"]
+        assert all(os.path.isfile(os.path.join(ROOT, name)) for name in note.files)
+        assert "{" not in note.text and "}" not in note.text     # every placeholder filled
+    # The numbers come from the files: the BCQ-P notes of the pure datasets quote the
+    # paper's BCQ-P (not -500) and ours from the cell's results.json.
+    pure = NOTES.claims[("reward_vs_bcq_p", "mountaincar", "pure")]
+    assert "-67.6, -68.6, -79.2, -267.8, -295.1" in pure.text
+    assert "-106.2, -134.0" in pure.text
+    assert NOTES.causes[("bcq_p", "mountaincar", "random")].kind == "hypothesis"
+    assert NOTES.causes[("bcq_p", "mountaincar", "random")].file == (
+        "experiments/results/quick/mountaincar/random/bcq_bootstrap.json")
+
+
+def test_a_note_reads_its_numbers_from_its_file_and_is_refused_without_it(tmp_path):
+    (tmp_path / "m.json").write_text(json.dumps(
+        {"agents": [{"r": 0.12345, "n": 3}, {"r": 0.5, "n": 4}, {"r": 0.25, "n": 5}]}))
+    (tmp_path / "rows.jsonl").write_text("\n".join(json.dumps(row) for row in (
+        {"planner": "a", "agent": 0, "value": 10.0}, {"planner": "a", "agent": 1, "value": 20.0},
+        {"planner": "b", "agent": 0, "value": -1.0})))
+    entry = {"id": "x", "method": "persim", "env": "mountaincar", "dataset": "random",
+             "kind": "measurement", "file": "m.json", "command": "python -m x",
+             "text": "first {first}, two {two}, most {most}, mean {mean}",
+             "values": {"first": "agents/0/r",
+                        "two": {"path": "agents/0:2/n", "format": "d"},
+                        "most": {"path": "agents/*/r", "reduce": "max", "format": ".2f"},
+                        "mean": {"file": "rows.jsonl", "where": {"planner": "a"},
+                                 "path": "*/value", "reduce": "mean", "format": ".1f"}}}
+    notes_path = tmp_path / "notes.json"
+
+    def load(**changes):
+        notes_path.write_text(json.dumps({"departure_causes": [dict(entry, **changes)]}))
+        return claims.load_notes(notes_path, root=str(tmp_path))
+
+    note = load().causes[("persim", "mountaincar", "random")]
+    assert note.text == "first 0.123, two 3, 4, most 0.50, mean 15.0"
+    assert note.files == ("m.json", "rows.jsonl")
+    assert note.render().startswith("Measured: first 0.123") and "`python -m x`" in note.render()
+    with pytest.raises(ValueError, match="measurement file gone.json is missing"):
+        load(file="gone.json")
+    with pytest.raises(ValueError, match="value 'first'.*does not resolve"):
+        load(values=dict(entry["values"], first="agents/7/r"))
+    with pytest.raises(ValueError, match="placeholders"):
+        load(text="first {first} and {typed}")
+    with pytest.raises(ValueError, match="kind"):
+        load(kind="guess")
+
+
+def test_notes_are_keyed_to_known_claims_and_cells(tmp_path):
     assert os.path.dirname(claims.NOTES_PATH) == reproduce.RECORD_DIR
-    for note in (*NOTES.claims.values(), *NOTES.causes.values()):
-        assert note.text and all(os.path.isfile(os.path.join(root, source))
-                                 for source in note.sources)
-    # The BCQ-P cause names the file that measured it.
-    assert NOTES.causes[("bcq_p", "mountaincar", "random")].sources == (
-        "experiments/results/quick/mountaincar/random/bcq_bootstrap.json",)
-    # A note keyed to an unknown claim or env is refused, naming the field.
     bad = tmp_path / "notes.json"
     bad.write_text(json.dumps({"claim_notes": [
         {"claim": "persim_is_best", "env": "mountaincar", "dataset": "random", "text": "x"}]}))
@@ -99,13 +201,16 @@ def test_each_claim_names_the_methods_section_and_direction_it_compares():
         claims.Claim("x", "x", "bcq_p", "reward", "sideways", "baseline")
 
 
-def test_departures_name_agents_and_known_causes():
+def test_departures_name_agents_their_interval_and_known_causes():
     results = _results(0.01, -120.0, bcq_p=(None, -100.0))
     lines = claims.departures(results, NOTES)
     # PerSim's RMSE 0.01 against the paper's 0.001; BCQ-P's -100 against -500 ± 0.
     assert any(line.startswith("PerSim, prediction RMSE") for line in lines)
     bcq = [line for line in lines if line.startswith("BCQ-P, reward")]
-    assert bcq and "(gravity=0.0001) -100.0 vs -500" in bcq[0] and "bootstraps on `done`" in bcq[0]
+    assert bcq and "(gravity=0.0001) -100.0 vs -500, difference +400.0 ± 0.9" in bcq[0]
+    assert "Hypothesis: " in bcq[0] and "bootstraps on `done`" in bcq[0]
+    # PerSim's -120 against the paper's -53.66 ± 0.75: far outside both noises.
+    assert any("(gravity=0.0001) -120.0 vs -53.66" in line for line in lines)
 
 
 def test_report_from_the_record(tmp_path):
@@ -116,11 +221,36 @@ def test_report_from_the_record(tmp_path):
     path = reproduce.write_report(str(tmp_path), "quick")
     text = open(path, encoding="utf-8").read()
     assert "1 of 12 env × dataset cells recorded" in text
+    # The settings first, beside the paper's; the quick cells called indicative.
+    assert text.index("## Settings: preset `quick`") < text.index("## Headline")
+    assert "| minibatch | 256 | **32** | **64** | 256 |" in text
+    assert "**The quick cells are indicative, not a reproduction**" in text
+    # Trials and episodes per cell; stage seconds without the nested dataset
+    # generation, beside the last run's own seconds.
+    assert "| 8 | 1 | 5 / 20 / 50 | 15 | 3 | – |" not in text
+    assert "| 3 | 1 | 5 / 20 / 50 | 15 | 3 | – |" in text
     # Ours, then (in brackets) the check on the paper's own numbers for the cell.
-    assert "| PerSim predicts better than Vanilla CaDM | yes (yes) | 1 / 1 (1 / 1) |" in text
-    assert "| The population model predicts worse than PerSim | – | 0 / 0 |" in text
+    assert ("| PerSim predicts better than Vanilla CaDM | holds (holds†) | 1 / 0 / 0 (1 / 0 / 0) |"
+            in text)
+    assert "| The population model predicts worse than PerSim | – | not run |" in text
+    assert "In all, of 3 checks on our numbers: 2 hold, 1 fails, 0 are inconclusive." in text
     assert "## MountainCar / Random" in text and "Vanilla CaDM (paper)" in text
-    assert "- PerSim earns more than BCQ-P, **MountainCar / Random**: The paper's BCQ-P" in text
+    assert "- PerSim earns more than BCQ-P, **MountainCar / Random** (fails): Hypothesis: " in text
+    assert "The paper's ± is the std over its 5 trials." in text
+    assert "| PerSim earns more than BCQ-P | -120.0 | -100.0 | -20.0 [" in text
+
+
+def test_the_papers_counts_leave_out_claims_not_run_at_this_size(tmp_path):
+    cell = tmp_path / "paper" / "cartpole" / "pure"
+    cell.mkdir(parents=True)
+    results = dict(_results(0.01, 190.0, true_env_mpc=(None, 189.0)), env="cartpole",
+                   dataset="pure", preset="paper")
+    (cell / "results.json").write_text(json.dumps(results))
+    text = reproduce.render(str(tmp_path), "paper")
+    assert "| PerSim earns more than BCQ-P | – (holds) | not run |" in text
+    assert "on the paper's own numbers (1 checks: it has no ablations): 1 holds" in text
+    assert "Departures of this preset from the paper's text: MountainCar minibatch 32; " \
+           "CartPole minibatch 64" in text
 
 
 def test_differences_ignore_timings_and_name_each_changed_number():
