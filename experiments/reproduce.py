@@ -14,13 +14,20 @@ cell its `results.json` and `report.md` are copied to the record,
 `<record_dir>/<preset>/<env>/<dataset>/`, and the record's summary
 `<record_dir>/<preset>/REPORT.md` is rewritten from every cell recorded so far:
 
+  * the preset's settings beside the paper's protocol, each departure in bold
+    (the quick cells called indicative);
   * the headline: PerSim's and True env + MPC's mean prediction RMSE and reward
-    per cell, ours beside the paper's;
-  * the paper's comparative claims checked on our numbers, cell by cell, with a
-    count of those that hold;
-  * where a cell departs from the paper (ours outside the paper's spread), and
-    the cause measured so far;
-  * each cell's prediction and reward tables (the per-cell report's).
+    per cell, ours beside the paper's, with each cell's trials and episodes and
+    its stage seconds beside its last run's;
+  * the paper's comparative claims checked on our numbers and on the paper's,
+    cell by cell, each a verdict (holds / fails / inconclusive) from the 95 %
+    interval of the difference, with the counts;
+  * where a cell departs from the paper (ours outside the 95 % interval of the
+    difference), and the note recorded about it;
+  * each cell's prediction and reward tables (the per-cell report's) and its
+    claims' differences and intervals.
+
+`--report_only` rewrites REPORT.md from the committed records alone.
 
 `--verify` re-runs recorded cells from nothing (a fresh dataset cache and run
 folder under `--verify_dir`, a temporary folder by default) and compares every
