@@ -577,6 +577,10 @@ def _counts(verdicts: list[Verdict | None]) -> dict:
     return {outcome: sum(v.outcome == outcome for v in known) for outcome in intervals.OUTCOMES}
 
 
+def _checks(count: int) -> str:
+    return f"{count} check" + ("" if count == 1 else "s")
+
+
 def _tally(counts: dict) -> str:
     """"3 hold, 1 fails, 0 are inconclusive"."""
     verbs = {"holds": ("holds", "hold"), "fails": ("fails", "fail"),
@@ -632,8 +636,8 @@ def claims_section(cells: list[dict], notes: Notes) -> list[str]:
     lines += table
     checked = sum(ours.values())
     lines += [f"In all, of {checked} checks on our numbers: {_tally(ours)}. The same claims "
-              f"in the same cells on the paper's own numbers ({sum(theirs.values())} checks: it "
-              f"has no ablations): {_tally(theirs)}.", ""]
+              f"in the same cells on the paper's own numbers ({_checks(sum(theirs.values()))}, "
+              f"where ours ran and the paper has both methods): {_tally(theirs)}.", ""]
     failing = [(claim, results, verdict.outcome, found) for claim in CLAIMS for results in cells
                if (verdict := claim.verdict(results)) is not None and verdict.outcome != "holds"
                and (found := claim_notes(results, claim, notes))]
