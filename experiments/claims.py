@@ -510,7 +510,8 @@ def _reward_departure(ours: dict, theirs: dict, labels: list[str]) -> list[str]:
             lines.append(f"({labels[i]}) {m:.1f} vs {pm:g}, difference {m - pm:+.1f} ± "
                          f"{half:.1f}")
     if lines and errors is None:
-        lines[-1] += " (our noise unmeasured: one episode of one trial; the interval is the paper's alone)"
+        lines[-1] += (" (our noise unmeasured: one episode of one trial; the interval is the "
+                      "paper's alone)")
     return lines
 
 

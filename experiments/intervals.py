@@ -4,7 +4,7 @@ methods larger than the noise of the episodes and trials that measured it?
     from experiments import intervals
     found = intervals.bootstrap_difference(returns_a, returns_b)     # (T, K, E) each
     found.difference, found.low, found.high                          # 95 % interval
-    intervals.verdict(found, "higher")                               # "holds" | "fails" | "inconclusive"
+    intervals.verdict(found, "higher")             # "holds" | "fails" | "inconclusive"
 
 Rewards: the record keeps every episode's return, (trials T, test agents K,
 episodes E) per method, so their interval is a nested bootstrap

@@ -230,8 +230,8 @@ def test_report_from_the_record(tmp_path):
     assert "| 8 | 1 | 5 / 20 / 50 | 15 | 3 | – |" not in text
     assert "| 3 | 1 | 5 / 20 / 50 | 15 | 3 | – |" in text
     # Ours, then (in brackets) the check on the paper's own numbers for the cell.
-    assert ("| PerSim predicts better than Vanilla CaDM | holds (holds†) | 1 / 0 / 0 (1 / 0 / 0) |"
-            in text)
+    assert ("| PerSim predicts better than Vanilla CaDM | holds (holds†) | "
+            "1 / 0 / 0 (1 / 0 / 0) |") in text
     assert "| The population model predicts worse than PerSim | – | not run |" in text
     assert "In all, of 3 checks on our numbers: 2 hold, 1 fails, 0 are inconclusive." in text
     assert "## MountainCar / Random" in text and "Vanilla CaDM (paper)" in text
