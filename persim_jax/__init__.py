@@ -5,6 +5,7 @@ __version__ = "0.1.0"
 from persim_jax.data import (
     Transitions,
     from_long_format,
+    from_minari,
     from_rollouts,
     load_csv,
     load_npz,
@@ -12,6 +13,7 @@ from persim_jax.data import (
     make_transitions,
     save_csv,
     save_npz,
+    to_minari,
     validate_transitions,
 )
 from persim_jax.persim.model import ModelConfig, NormStats
@@ -29,6 +31,7 @@ __all__ = [
     "available_cores",
     "fit",
     "from_long_format",
+    "from_minari",
     "from_rollouts",
     "load_csv",
     "load_npz",
@@ -36,6 +39,7 @@ __all__ = [
     "make_transitions",
     "save_csv",
     "save_npz",
+    "to_minari",
     "validate_transitions",
     "use_cpu_cores",
     "validation_split",

@@ -16,6 +16,10 @@ Modules:
     step (agent id, time, state columns, action columns, optionally reward,
     done and explicit next-state columns): `load_csv` / `load_parquet`,
     `from_long_format`, `save_csv`.
+  * `minari`: Minari datasets (Farama's offline-RL standard), one episode per
+    stretch of an agent's trajectory, the agent's id and covariates in the
+    episode's metadata: `to_minari` / `from_minari` (needs the `minari`
+    extra, imported only when called).
   * `files`: generic I/O: `atomic_write`, `save_msgpack` / `load_msgpack`,
     `jsonable` / `write_json`.
   * `checks`: value checks shared by the loaders (`check_column_values`,
@@ -42,6 +46,7 @@ from persim_jax.data.files import (
     write_json,
 )
 from persim_jax.data.long_format import from_long_format, load_csv, load_parquet, save_csv
+from persim_jax.data.minari import from_minari, to_minari
 from persim_jax.data.npz import NPZ_FORMAT, load_npz, save_npz
 from persim_jax.data.transitions import (
     Transitions,
@@ -61,6 +66,7 @@ __all__ = [
     "column_scale",
     "decode_msgpack",
     "from_long_format",
+    "from_minari",
     "from_rollouts",
     "jsonable",
     "load_csv",
@@ -72,6 +78,7 @@ __all__ = [
     "save_msgpack",
     "save_npz",
     "time_ordered_split",
+    "to_minari",
     "validate_transitions",
     "write_json",
 ]
