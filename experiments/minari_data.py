@@ -98,8 +98,9 @@ def load(dataset: str, options: dict, defaults: dict) -> tuple[data.Transitions,
     except (ImportError, ValueError, OSError, KeyError) as error:
         message = " ".join(str(error).split()) or type(error).__name__
         message = message.replace("allow_outliers=True", "--allow_outliers")
-        raise UserError(f"--dataset: {message if minari_id in message else f'{dataset}: {message}'}"
-                        ) from None
+        if minari_id not in message:
+            message = f"{dataset}: {message}"
+        raise UserError(f"--dataset: {message}") from None
     metadata = {"path": dataset, "sha256": transitions_sha256(transitions),
                 "num_agents": transitions.num_agents,
                 "num_transitions": transitions.num_transitions, "read": True,

@@ -29,7 +29,7 @@ import pytest
 from minari.data_collector import EpisodeBuffer
 
 from experiments import cli, minari_data, own_data, pipeline
-from experiments.config import UserError, resolve
+from experiments.config import resolve
 from experiments.datagen import datasets
 from persim_jax import data, from_minari, make_transitions, to_minari
 

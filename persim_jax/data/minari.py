@@ -27,8 +27,9 @@ episode under `filter_episodes` and `split_dataset`, where a dataset-level
 list of ids would silently shift. Per-step `infos` would also survive, but
 would repeat the id T + 1 times. The names are the same for every agent, so
 they live once, in the dataset's metadata. (Minari 0.5.4's
-`combine_datasets` does not copy episode metadata: a combined dataset reads
-back one agent per episode.)
+`combine_datasets` copies infos but not episode metadata: a combined dataset
+reads back one agent per episode, with a warning. Combine the Transitions and
+write them again instead.)
 
 A Minari dataset written by anybody loads: with `agent_id` in its episodes'
 metadata, the episodes of one id are one agent (first appearance order); with
@@ -70,9 +71,11 @@ def to_minari(transitions: Transitions, dataset_id: str, *, description: str | N
               overwrite: bool = False):
     """Writes `transitions` as the local Minari dataset `dataset_id`.
 
-    The dataset is built in a hidden folder under `MINARI_DATASETS_PATH` and
-    moved into place once complete, so an interrupted call leaves nothing
-    behind under `dataset_id`.
+    The dataset is built in a hidden folder under `MINARI_DATASETS_PATH`
+    (which Minari's listings skip) and moved into place once complete, so an
+    interrupted call leaves nothing behind under `dataset_id`. While it
+    builds, the process's MINARI_DATASETS_PATH points at that folder (Minari
+    offers no other way to write elsewhere): not for concurrent threads.
 
     Args:
       transitions: T transitions of N agents; each agent's rows in time order.
