@@ -179,32 +179,6 @@ class Reward:
     source: dict
 
 
-def resolve_reward(request: DecisionRequest, env, training, held_out, seed: int) -> Reward:
-    """The user's functions, the env's, or a reward model (see the module)."""
-    everything = training
-    terminated = None
-    if request.terminated is not None:
-        terminated = load_function(request.terminated, "terminated")
-        check_terminated(terminated, everything)
-    elif env is not None:
-        terminated = env.terminated
-    if request.reward is not None:
-        reward = load_function(request.reward, "reward")
-        check_reward(reward, everything)
-        return Reward(reward, terminated, {"source": "function", "spec": request.reward})
-    if env is not None:
-        return Reward(env.reward, terminated, {"source": "env", "env": env.name})
-    logged = np.asarray(training.reward, np.float64)
-    if np.all(logged == 0):
-        raise UserError("--decide needs a reward: --reward=FILE.py:FUNCTION, --env, or a "
-                        "reward column in the file")
-    say("[decide] no --reward: fitting a reward model on the file's reward column")
-    model, error = fit_reward_model(training, jax.random.PRNGKey(seed), held_out=held_out)
-    say(f"[decide] reward model: held-out RMSE {error['rmse']:.4g} (predicting the mean: "
-        f"{error['constant_rmse']:.4g}), R² {error['r2']}")
-    return Reward(model, terminated, {"source": "model", "held_out": error})
-
-
 def action_box(request: DecisionRequest, transitions) -> decisions.ActionBox | None:
     """Continuous actions' range: the flags', else the data's per column."""
     if transitions.discrete:
@@ -256,14 +230,19 @@ def decision_planner(config: RunConfig, env, transitions, reward: Reward,
         raise UserError(f"planner settings: {error}") from None
 
 
-def chosen_agents(request: DecisionRequest, simulator) -> np.ndarray:
-    """(K,) indices of the agents to decide for."""
+def chosen_agents(request: DecisionRequest, transitions) -> np.ndarray:
+    """(K,) indices of the agents to decide for: --decision_agents' ids
+    looked up as `Simulator.agent_index` does (the file's ids; an id read as a
+    number also matches its text), or every agent."""
     if request.agents is None:
-        return np.arange(simulator.num_agents)
-    try:
-        return np.asarray([simulator.agent_index(a) for a in request.agents], np.int32)
-    except ValueError as error:
-        raise UserError(f"--decision_agents: {error}") from None
+        return np.arange(transitions.num_agents)
+    keys = [str(k) for k in (transitions.agent_keys or range(transitions.num_agents))]
+    unknown = [a for a in request.agents if str(a) not in keys]
+    if unknown:
+        shown = ", ".join(keys[:5]) + (", ..." if len(keys) > 5 else "")
+        raise UserError(f"--decision_agents: {unknown[0]!r} is not one of the file's "
+                        f"{len(keys)} agent ids ({shown})")
+    return np.asarray([keys.index(str(a)) for a in request.agents], np.int32)
 
 
 def start_states(transitions, agents, horizon: int, count: int):
@@ -297,11 +276,71 @@ def _key(transitions, agent: int):
 # The stage
 
 
-def decide(request: DecisionRequest, config: RunConfig, env, everything, training, held_out,
+@dataclasses.dataclass
+class Prepared:
+    """A decision request checked against the user's data, before any
+    training or output: every problem the flags can have is found here."""
+
+    request: DecisionRequest
+    terminated: Callable | None
+    reward: Callable | None
+    policies: dict
+    box: decisions.ActionBox | None
+    agents: np.ndarray
+    starts: np.ndarray
+    logged: np.ndarray
+    last: np.ndarray
+
+
+def prepare(request: DecisionRequest, env, everything) -> Prepared:
+    """Loads and checks the user's functions, the action range, the agents
+    and their start states; UserError names the first problem."""
+    terminated = None
+    if request.terminated is not None:
+        terminated = load_function(request.terminated, "terminated")
+        check_terminated(terminated, everything)
+    reward = None
+    if request.reward is not None:
+        reward = load_function(request.reward, "reward")
+        check_reward(reward, everything)
+    elif env is None and np.all(np.asarray(everything.reward) == 0):
+        raise UserError("--decide needs a reward: --reward=FILE.py:FUNCTION, --env, or a "
+                        "reward column in the file")
+    policies = {}
+    for spec in request.policies:
+        function = load_function(spec, "policies")
+        check_policy(function, spec, everything)
+        name = spec.rsplit(":", 1)[1]
+        policies[spec if name in policies or name in BUILT_IN else name] = function
+    box = action_box(request, everything)
+    agents = chosen_agents(request, everything)
+    starts, logged, last = start_states(everything, agents, request.horizon, request.starts)
+    return Prepared(request, terminated, reward, policies, box, agents, starts, logged, last)
+
+
+def resolve_reward(prepared: Prepared, env, training, held_out, seed: int) -> Reward:
+    """The user's reward, the env's, or a reward model (see the module)."""
+    terminated = prepared.terminated
+    if terminated is None and env is not None:
+        terminated = env.terminated
+    if prepared.reward is not None:
+        return Reward(prepared.reward, terminated,
+                      {"source": "function", "spec": prepared.request.reward})
+    if env is not None:
+        return Reward(env.reward, terminated, {"source": "env", "env": env.name})
+    say("[decide] no --reward: fitting a reward model on the file's reward column")
+    model, error = fit_reward_model(training, jax.random.PRNGKey(seed), held_out=held_out)
+    say(f"[decide] reward model: held-out RMSE {error['rmse']:.4g} (predicting the mean: "
+        f"{error['constant_rmse']:.4g}), R² {error['r2']}")
+    return Reward(model, terminated, {"source": "model", "held_out": error})
+
+
+def decide(prepared: Prepared, config: RunConfig, env, everything, training, held_out,
            simulator, population, seed: int) -> dict:
     """results.json's "decisions" (per agent) and "decision_summary".
 
     Args:
+      prepared: the checked request (`prepare`).
       everything: all the user's transitions (start and last states);
       training / held_out: the models' training transitions and the
         held-out ones (the reward model's error);
@@ -309,19 +348,9 @@ def decide(request: DecisionRequest, config: RunConfig, env, everything, trainin
         model's (one agent).
     """
     start = time.time()
-    reward = resolve_reward(request, env, training, held_out, seed)
-    policies = {}
-    for spec in request.policies:
-        function = load_function(spec, "policies")
-        check_policy(function, spec, everything)
-        name = spec.rsplit(":", 1)[1]
-        if name in policies or name in BUILT_IN:
-            name = spec
-        policies[name] = function
-    box = action_box(request, everything)
+    request, box, agents = prepared.request, prepared.box, prepared.agents
+    reward = resolve_reward(prepared, env, training, held_out, seed)
     planner, reward_fn, terminated_fn = decision_planner(config, env, everything, reward, box)
-    agents = chosen_agents(request, simulator)
-    starts, logged, last = start_states(everything, agents, request.horizon, request.starts)
     env_kwargs = dict(terminated_fn=reward.terminated, max_steps=request.horizon)
     if box is not None:
         env_kwargs.update(action_low=box.low, action_high=box.high)
@@ -331,23 +360,24 @@ def decide(request: DecisionRequest, config: RunConfig, env, everything, trainin
     population_env = SimulatorEnv(population, reward.reward, initial[:1],
                                   initial_agents=np.zeros(1, np.int32), **env_kwargs)
     say(f"[decide] {len(agents)} agents: plans from their last states; "
-        f"{len(BUILT_IN) + len(policies)} policies valued over {request.horizon} steps from "
-        f"{request.starts} logged states, {simulator.ensemble_size} members")
+        f"{len(BUILT_IN) + len(prepared.policies)} policies valued over {request.horizon} steps "
+        f"from {request.starts} logged states, {simulator.ensemble_size} members")
     key = jax.random.PRNGKey(seed)
     recommendation = decisions.recommend(jax.random.fold_in(key, 0), planner, simulator, agents,
-                                         last, reward_fn, terminated_fn, box=box)
+                                         prepared.last, reward_fn, terminated_fn, box=box)
     actors = {"logged": lambda agent, actions: decisions.LoggedActor(actions),
               "mpc": lambda agent, actions: decisions.planner_actor(planner, simulator, agent,
                                                                      box)}
-    for name, function in policies.items():
+    for name, function in prepared.policies.items():
         actors[name] = lambda agent, actions, function=function: PolicyActor(function)
     values = {}
     for i, (name, actor_for) in enumerate(actors.items()):
         value_key = jax.random.fold_in(key, i + 1)
-        mine = decisions.policy_values(value_key, persim_env, actor_for, agents, starts,
-                                       request.horizon, logged=logged)
-        pooled = decisions.policy_values(value_key, population_env, actor_for, agents, starts,
-                                         request.horizon, logged=logged,
+        mine = decisions.policy_values(value_key, persim_env, actor_for, agents,
+                                       prepared.starts, request.horizon, logged=prepared.logged)
+        pooled = decisions.policy_values(value_key, population_env, actor_for, agents,
+                                         prepared.starts, request.horizon,
+                                         logged=prepared.logged,
                                          env_agents=np.zeros_like(agents))
         values[name] = (np.asarray(mine).mean(axis=1), np.asarray(pooled).mean(axis=(1, 2)))
     per_agent = _per_agent(everything, agents, recommendation, values)

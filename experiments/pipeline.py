@@ -179,12 +179,16 @@ def results_record(*, env_name, env, dataset, preset, seed, covariates, rows, re
     }
 
 
-def _open_run(env_name, dataset, config, seed, out_dir, data_dir, force, loader_options):
-    """(env, transitions, metadata, run, chosen methods) at a run's start."""
+def _open_run(env_name, dataset, config, seed, out_dir, data_dir, force, loader_options,
+              check=None):
+    """(env, transitions, metadata, run, chosen methods) at a run's start;
+    `check(env, transitions)` runs before any output (a UserError leaves none)."""
     env = envs.make(env_name) if env_name is not None else None
     transitions, metadata, name, dataset_seconds = dataset_stage(env_name, dataset, config,
                                                                  seed, data_dir, loader_options)
     chosen = methods_for(env, config)      # before any output: a bad --methods leaves none
+    if check is not None:
+        check(env, transitions)
     run = RunDirectory(os.path.join(out_dir, env_name or "custom", name), force)
     os.makedirs(run.directory, exist_ok=True)
     run.timing["dataset"] = round(dataset_seconds, 2)
@@ -265,8 +269,11 @@ def own_data_pipeline(env_name: str | None, dataset: str, config: RunConfig, *, 
     `decide`, a plan and each policy's value per agent
     (`experiments.decisions`)."""
     total_start = time.time()
+    prepared = []        # the decision request, checked before any output
+    check = None if decide is None else (
+        lambda env, everything: prepared.append(decisions.prepare(decide, env, everything)))
     env, everything, metadata, run, chosen = _open_run(env_name, dataset, config, seed, out_dir,
-                                                       data_dir, force, loader_options)
+                                                       data_dir, force, loader_options, check)
     transitions, held_out = own_data.split(everything)
     dataset_key = dataset_identity(metadata)
     covariates, agent_ids = (test_agents_of(env, transitions) if env is not None
@@ -284,8 +291,8 @@ def own_data_pipeline(env_name: str | None, dataset: str, config: RunConfig, *, 
     if env is None:
         results["config"] = own_data.settings(results["config"], everything)
     results["data"] = own_data.description(everything, metadata)
-    if decide is not None:
-        results.update(decisions.decide(decide, config, env, everything, transitions,
+    if prepared:
+        results.update(decisions.decide(prepared[0], config, env, everything, transitions,
                                         everything.select(held_out),
                                         trained.models[methods.PerSim.name][0], population[0],
                                         seed))

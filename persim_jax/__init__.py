@@ -19,6 +19,7 @@ from persim_jax.data import (
 from persim_jax.persim.model import ModelConfig, NormStats
 from persim_jax.persim.simulator import Simulator
 from persim_jax.runtime import available_cores, use_cpu_cores
+from persim_jax.simulator_env import SimulatorEnv, SimulatorParams, SimulatorState
 from persim_jax.persim.train import EpochMetrics, TrainConfig, fit, validation_split
 
 __all__ = [
@@ -26,6 +27,9 @@ __all__ = [
     "ModelConfig",
     "NormStats",
     "Simulator",
+    "SimulatorEnv",
+    "SimulatorParams",
+    "SimulatorState",
     "TrainConfig",
     "Transitions",
     "available_cores",

@@ -128,11 +128,11 @@ def planner_actor(planner: Planner, simulator, agent, box: ActionBox | None = No
 # Values
 
 
-def rollout_return(key, actor: Actor, env, params, obs, member, horizon: int) -> Array:
-    """() undiscounted return of `horizon` steps of `actor` on `env`
-    (a `SimulatorEnv`) from obs (D,), member `member` driving every step;
-    rewards stop at the first termination. Jittable, vmappable."""
-    state = env.state_at(obs, member)
+def rollout_return(key, actor: Actor, env, params, state, horizon: int) -> Array:
+    """() undiscounted return of `horizon` steps of `actor` on `env` from
+    `state` (any gymnax env: a `SimulatorEnv` state from `state_at`, or a
+    true env's from `state_from_obs`); rewards stop at the first
+    termination. Jittable, vmappable."""
 
     def step(carry, key):
         obs, state, actor_state, total, done = carry
@@ -143,7 +143,8 @@ def rollout_return(key, actor: Actor, env, params, obs, member, horizon: int) ->
         total = total + jnp.where(done, 0.0, reward)
         return (next_obs, state, actor_state, total, done | terminated), None
 
-    carry = (state.obs, state, actor.init(key), jnp.zeros((), jnp.float32), jnp.array(False))
+    obs = env.get_obs(state, params)
+    carry = (obs, state, actor.init(key), jnp.zeros((), jnp.float32), jnp.array(False))
     (*_, total, _), _ = jax.lax.scan(step, carry, jax.random.split(key, horizon))
     return total
 
@@ -179,7 +180,8 @@ def policy_values(key, env, actor_for: Callable, agents, starts, horizon: int, *
 
     def one(key, agent, env_agent, obs, actions, member):
         params = env.agent_params(0).replace(agent=env_agent)
-        return rollout_return(key, actor_for(agent, actions), env, params, obs, member, horizon)
+        return rollout_return(key, actor_for(agent, actions), env, params,
+                              env.state_at(obs, member), horizon)
 
     over_members = jax.vmap(one, in_axes=(None, None, None, None, None, 0))
     over_starts = jax.vmap(over_members, in_axes=(0, None, None, 0, 0, None))
