@@ -412,11 +412,15 @@ def _summary(request, reward: Reward, per_agent: dict, names, seconds: float) ->
     population = {name: float(np.mean([row["policies"][name]["population"]
                                         for row in per_agent.values()])) for name in names}
     agreement = float(np.mean([row["agreement"] for row in per_agent.values()]))
-    best = max(first, key=first.get)
-    others = len(per_agent) - first[best] - ties
-    statement = (f"{first[best]} of {len(per_agent)} agents' simulators rank {best!r} first "
-                 f"(their members agree {agreement:.0%} on average), {others} rank another "
-                 f"policy first, {ties} tie")
+    parts = [f"{name!r} first for {count}"
+             for name, count in sorted(first.items(), key=lambda item: -item[1]) if count]
+    tied_rows = [row["tied"] for row in per_agent.values() if row["best"] is None]
+    if tied_rows:
+        parts.append(f"a tie for first for {len(tied_rows)} (e.g. "
+                     f"{', '.join(map(repr, tied_rows[0]))})")
+    statement = (f"Over {len(per_agent)} agents' simulators: {'; '.join(parts)}; each "
+                 f"simulator's members agree with its first choice {agreement:.0%} of the time "
+                 f"on average")
     return {"horizon": request.horizon, "starts": request.starts, "reward": reward.source,
             "policies": list(names), "ranked_first": first, "ties": ties, "mean_value": means,
             "population_value": population, "mean_agreement": agreement,
