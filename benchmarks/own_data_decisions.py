@@ -40,7 +40,7 @@ import envs
 from benchmarks.common import machine
 from experiments import config as config_lib
 from experiments import decisions as decisions_stage
-from experiments import own_data, pipeline
+from experiments import intervals, own_data, pipeline
 from experiments.datagen import datasets
 from persim_jax import Simulator, data, decisions, evaluation
 from persim_jax.dynamics import simulator_dynamics_for_agent
@@ -128,10 +128,14 @@ def run_benchmark(env_name: str, dataset: str, *, work_dir: str, preset: str = "
                                           env, covariates, num_episodes=episodes)
         episodes_of[label] = np.asarray(returns).tolist()
     record_path = RECORD.format(preset=preset, env=env_name, dataset=dataset)
-    recorded = None
+    recorded, versus = None, None
     if os.path.exists(record_path):
         with open(record_path) as handle:
             recorded = json.load(handle)["reward"]["persim"]
+        # Own data (1 trial, the user's reward) minus the record's PerSim.
+        found = intervals.bootstrap_difference(np.asarray(episodes_of["user_reward"])[None],
+                                               np.asarray(recorded["returns"]))
+        versus = found._asdict()
     return {
         "bench": "own_data_decisions", "env": env_name, "dataset": dataset, "preset": preset,
         "seed": seed, "config": data.jsonable(dataclasses.asdict(config)),
@@ -143,7 +147,7 @@ def run_benchmark(env_name: str, dataset: str, *, work_dir: str, preset: str = "
                      "over": "test agents × episodes of one trial"},
         "record": None if recorded is None else {
             "path": record_path, "persim_mean": float(np.mean(recorded["mean"])),
-            "persim_per_agent": recorded["mean"]},
+            "persim_per_agent": recorded["mean"], "own_data_minus_record": versus},
         "decision_summary": results["decision_summary"],
         "seconds": round(time.time() - start, 1),
         "machine": machine(),

@@ -34,7 +34,7 @@ import importlib.util
 import os
 import sys
 import time
-from typing import Any, Callable
+from typing import Callable
 
 import jax
 import jax.numpy as jnp

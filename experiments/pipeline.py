@@ -176,6 +176,7 @@ def results_record(*, env_name, env, dataset, preset, seed, covariates, rows, re
         "figures": figures,
         "backend": jax.default_backend(),
         "devices": [str(d) for d in jax.devices()],
+        "libraries": datasets.library_versions(),
     }
 
 

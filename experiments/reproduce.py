@@ -152,7 +152,9 @@ def run_cell(env: str, dataset: str, preset: str, methods: list[str], out_dir: s
 # Re-runs
 
 # Fields that measure the machine, not the method: wall-clock seconds.
-UNCOMPARED = frozenset({"timing_s", "train_seconds", "seconds"})
+# Compared apart: the library versions are not numbers of the run (a record
+# predating them has none), but a difference in them is reported beside.
+UNCOMPARED = frozenset({"timing_s", "train_seconds", "seconds", "libraries"})
 RERUN_FILE = "rerun.json"
 
 
@@ -198,7 +200,9 @@ def verify_cell(env: str, dataset: str, preset: str, scratch: str, record_dir: s
                "differences": found[:50], "differing_fields": len(found),
                "seconds_recorded": (recorded_results.get("timing_s") or {}).get("total"),
                "seconds_rerun": (rerun.get("timing_s") or {}).get("total"),
-               "backend": rerun.get("backend"), "devices": rerun.get("devices")}
+               "backend": rerun.get("backend"), "devices": rerun.get("devices"),
+               "libraries_recorded": recorded_results.get("libraries"),
+               "libraries_rerun": rerun.get("libraries")}
     with atomic_write(os.path.join(cell_dir(record_dir, preset, env, dataset), RERUN_FILE)) as handle:
         handle.write((json.dumps(outcome, indent=1) + "\n").encode("utf-8"))
     verdict = "every number identical" if not found else f"{len(found)} fields differ"

@@ -6,7 +6,6 @@ check where the truth is known (`benchmarks.own_data_decisions`, tiny)."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import textwrap

@@ -258,8 +258,26 @@ def generate(env_name: str, dataset: str, *, seed: int = 0, num_agents: int = NU
         "paper": paper_stats(env_name, dataset) if num_agents == NUM_AGENTS else None,
         "generation_seconds": round(seconds, 2),
         "backend": jax.default_backend(),
+        # What the numbers depend on besides the request: HalfCheetah's chaos
+        # turns a different float rounding (another XLA version, another
+        # number of agents vmapped together) into different trajectories
+        # (benchmarks/RESULTS.md, "Dataset reproducibility").
+        "libraries": library_versions(),
     }
     return transitions, metadata
+
+
+def library_versions() -> dict:
+    """{package: version} of what generates and steps the environments."""
+    from importlib import metadata as package_metadata
+
+    versions = {}
+    for package in ("jax", "jaxlib", "mujoco", "mujoco-mjx", "gymnax", "numpy"):
+        try:
+            versions[package] = package_metadata.version(package)
+        except package_metadata.PackageNotFoundError:
+            versions[package] = None
+    return versions
 
 
 def load_or_generate(env_name: str, dataset: str, *, data_dir=DEFAULT_DATA_DIR, seed: int = 0,
