@@ -154,29 +154,36 @@ def run_benchmark(env_name: str, dataset: str, *, work_dir: str, preset: str = "
     }
 
 
-_ENV = flags.DEFINE_enum("env", "cartpole", list(POLICIES), "Environment.")
-_DATASET = flags.DEFINE_enum("dataset", "pure", list(datasets.DATASETS), "Paper dataset.")
-_PRESET = flags.DEFINE_enum("preset", "quick", ["quick", "paper"], "Training and planner sizes.")
-_HORIZON = flags.DEFINE_integer("horizon", 50, "Steps of each policy value.")
-_STARTS = flags.DEFINE_integer("starts", 4, "Logged start states per agent.")
-_EPISODES = flags.DEFINE_integer("episodes", 5, "MPC episodes per test agent.")
-_WORK = flags.DEFINE_string("work_dir", os.path.join("runs", "own_data_decisions"),
-                            "Dataset, CSV and run directory.")
-_OUT = flags.DEFINE_string("out", None, "The record (default benchmarks/results/"
-                           "own_data_decisions_<env>_<dataset>.json).")
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+    """The CLI's flags, defined only when it runs as a program (the tests
+    import `run_benchmark` beside modules that define --env too)."""
+    flags.DEFINE_enum("env", "cartpole", list(POLICIES), "Environment.")
+    flags.DEFINE_enum("dataset", "pure", list(datasets.DATASETS), "Paper dataset.")
+    flags.DEFINE_enum("preset", "quick", ["quick", "paper"], "Training and planner sizes.")
+    flags.DEFINE_integer("horizon", 50, "Steps of each policy value.")
+    flags.DEFINE_integer("starts", 4, "Logged start states per agent.")
+    flags.DEFINE_integer("episodes", 5, "MPC episodes per test agent.")
+    flags.DEFINE_string("work_dir", os.path.join("runs", "own_data_decisions"),
+                        "Dataset, CSV and run directory.")
+    flags.DEFINE_string("out", None, "The record (default benchmarks/results/"
+                        "own_data_decisions_<env>_<dataset>.json).")
 
 
 def main(argv):
     del argv
-    record = run_benchmark(_ENV.value, _DATASET.value, work_dir=_WORK.value,
-                           preset=_PRESET.value, horizon=_HORIZON.value, starts=_STARTS.value,
-                           episodes=_EPISODES.value)
-    out = _OUT.value or os.path.join("benchmarks", "results",
-                                     f"own_data_decisions_{_ENV.value}_{_DATASET.value}.json")
+    record = run_benchmark(FLAGS.env, FLAGS.dataset, work_dir=FLAGS.work_dir,
+                           preset=FLAGS.preset, horizon=FLAGS.horizon, starts=FLAGS.starts,
+                           episodes=FLAGS.episodes)
+    out = FLAGS.out or os.path.join("benchmarks", "results",
+                                    f"own_data_decisions_{FLAGS.env}_{FLAGS.dataset}.json")
     data.write_json(out, record)
     print(json.dumps({k: record[k] for k in ("env", "dataset", "same_order", "episodes",
                                              "record", "seconds")}, indent=1))
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)
