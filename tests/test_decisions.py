@@ -1,7 +1,7 @@
 """Decisions on a user's own data (issue 26): `SimulatorEnv` under gymnax's
 conventions, the values and rankings of `persim_jax.decisions`, the reward
-model, `experiments.run --decide` end to end with its bad inputs, and the
-check where the truth is known (`benchmarks.own_data_decisions`, tiny)."""
+model, `experiments.run --decide` end to end with its bad inputs (the check
+where the truth is known: tests/test_decisions_truth.py)."""
 
 from __future__ import annotations
 
@@ -291,23 +291,3 @@ def test_decide_end_to_end_and_its_bad_inputs(tmp_path):
         assert len(lines) == 1 and lines[0].startswith("error: "), (flags_, outcome["stderr"])
         assert word in lines[0], (word, lines[0])
     assert not (tmp_path / "out").exists()
-
-
-# ---------------------------------------------------------------------------
-# Where the truth is known
-
-
-def test_exported_cartpole_decisions_rank_policies_as_the_true_env(tmp_path):
-    from benchmarks.own_data_decisions import run_benchmark
-
-    record = run_benchmark("cartpole", "pure", work_dir=str(tmp_path), overrides=dict(
-        num_agents=40, epochs=15, candidates=64, ensemble_size=2, state_hidden=(32,),
-        action_hidden=(32,)), horizon=60, starts=2, episodes=1)
-    # (a) balancing outlasts pushing left, in the true physics and in the
-    # simulators of at least 4 of the 5 test agents.
-    for row in record["ranking"]:
-        assert row["true"]["balance"] > row["true"]["push_left"]
-    assert record["same_order"] >= 4, record["ranking"]
-    # (b) the user's reward plans exactly as the env's.
-    assert record["episodes"]["per_agent"]["user_reward"] == \
-        record["episodes"]["per_agent"]["env_reward"]

@@ -130,20 +130,6 @@ def test_cartpole_end_to_end_and_rerun_skips(tmp_path, caplog):
     assert sixth["methods"] == fifth["methods"]
 
 
-def test_halfcheetah_end_to_end(tmp_path):
-    out_dir, data_dir = str(tmp_path / "out"), str(tmp_path / "data")
-    settings = resolve("halfcheetah", "random", "quick",
-                                    dict(TINY, num_agents=8, candidates=8, horizon=3,
-                                         cem_rounds=1, cem_elites=3, max_steps=4))
-    assert settings.true_env_mpc is False          # the quick preset's choice for MJX
-    # The figures are the CartPole test's (their code does not depend on the env).
-    results = run_pipeline("halfcheetah", "random", settings, preset="quick", seed=0,
-                               out_dir=out_dir, data_dir=data_dir, skip=("plots",))
-    stored = check_results(results, out_dir, "halfcheetah", "random", figures=False)
-    assert stored["reward"]["true_env_mpc"] is None
-    assert stored["config"]["planner"]["kind"] == "CEMConfig"
-
-
 def test_user_data_trains_and_reports_validation(tmp_path):
     rng = np.random.default_rng(0)
     num_agents, steps = 6, 30
