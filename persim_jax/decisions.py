@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from persim_jax.dynamics import simulator_dynamics
-from persim_jax.evaluation.episodes import Actor, PlannerActor
+from persim_jax.evaluation.episodes import Actor, PlannerActor, play
 from persim_jax.planning import Planner
 
 Array = jax.Array
@@ -133,20 +133,8 @@ def rollout_return(key, actor: Actor, env, params, state, horizon: int) -> Array
     `state` (any gymnax env: a `SimulatorEnv` state from `state_at`, or a
     true env's from `state_from_obs`); rewards stop at the first
     termination. Jittable, vmappable."""
-
-    def step(carry, key):
-        obs, state, actor_state, total, done = carry
-        act_key, step_key = jax.random.split(key)
-        action, actor_state = actor.act(act_key, actor_state, obs)
-        next_obs, state, reward, terminated, _ = env.step_env(step_key, state, action, params)
-        actor_state = actor.observe(actor_state, obs, action, next_obs)
-        total = total + jnp.where(done, 0.0, reward)
-        return (next_obs, state, actor_state, total, done | terminated), None
-
-    obs = env.get_obs(state, params)
-    carry = (obs, state, actor.init(key), jnp.zeros((), jnp.float32), jnp.array(False))
-    (*_, total, _), _ = jax.lax.scan(step, carry, jax.random.split(key, horizon))
-    return total
+    return play(actor, actor.init(key), env, params, env.get_obs(state, params), state,
+                jax.random.split(key, horizon))
 
 
 def policy_values(key, env, actor_for: Callable, agents, starts, horizon: int, *,

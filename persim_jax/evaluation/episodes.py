@@ -154,6 +154,15 @@ def actor_episode_return(key, actor: Actor, env, params, max_steps: int) -> jax.
     """
     reset_key, run_key = jax.random.split(key)
     obs, state = env.reset(reset_key, params)
+    return play(actor, actor.init(key), env, params, obs, state,
+                jax.random.split(run_key, max_steps))
+
+
+def play(actor: Actor, actor_state, env, params, obs, state, keys) -> jax.Array:
+    """() the return of `actor` stepping `env` (`step_env`, no auto reset)
+    from (obs, state), one step per key of `keys` (S, ...): rewards summed
+    until the first termination; the scan runs on so that a batch stays in
+    lock step. Shared by the episodes here and `persim_jax.decisions`."""
 
     def step(carry, key):
         obs, state, actor_state, total, done = carry
@@ -165,8 +174,8 @@ def actor_episode_return(key, actor: Actor, env, params, max_steps: int) -> jax.
         done = done | terminated
         return (next_obs, state, actor_state, total, done), None
 
-    carry = (obs, state, actor.init(key), jnp.zeros((), jnp.float32), jnp.array(False))
-    (*_, total, _), _ = jax.lax.scan(step, carry, jax.random.split(run_key, max_steps))
+    carry = (obs, state, actor_state, jnp.zeros((), jnp.float32), jnp.array(False))
+    (*_, total, _), _ = jax.lax.scan(step, carry, keys)
     return total
 
 
