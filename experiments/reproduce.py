@@ -99,11 +99,13 @@ def recorded(record_dir: str, preset: str, env: str, dataset: str) -> dict | Non
 DERIVED_SETTINGS = frozenset({"methods", "planner", "rank_used"})
 
 
-def settings_changed(results: dict, preset: str) -> list[str]:
-    """The run settings a recorded cell was made with that `preset` no longer
-    has (`name: recorded -> now`), e.g. after a preset's training choice changed."""
+def settings_changed(results: dict, preset: str, overrides: dict | None = None) -> list[str]:
+    """The run settings a recorded cell was made with that `preset` (with
+    `overrides`, `RunConfig` fields) no longer has (`name: recorded -> now`),
+    e.g. after a preset's training choice changed."""
     try:
-        current = dataclasses.asdict(config_lib.resolve(results["env"], results["dataset"], preset))
+        current = dataclasses.asdict(config_lib.resolve(results["env"], results["dataset"], preset,
+                                                        overrides))
     except (KeyError, config_lib.UserError):
         return []
     recorded_config = results.get("config") or {}
@@ -113,10 +115,12 @@ def settings_changed(results: dict, preset: str) -> list[str]:
             and recorded_config[name] != value]
 
 
-def is_done(results: dict | None, preset: str, methods: list[str]) -> bool:
+def is_done(results: dict | None, preset: str, methods: list[str],
+            overrides: dict | None = None) -> bool:
     """The recorded cell holds every requested method under `preset`, made
-    with the preset's current settings."""
-    if not results or results.get("preset") != preset or settings_changed(results, preset):
+    with the preset's current settings (with `overrides`)."""
+    if (not results or results.get("preset") != preset
+            or settings_changed(results, preset, overrides)):
         return False
     have = set((results.get("methods") or {}))
     wanted = set(ALL_METHODS if "all" in methods else methods) | {"persim"}
@@ -125,13 +129,27 @@ def is_done(results: dict | None, preset: str, methods: list[str]) -> bool:
     return wanted <= have
 
 
+def override_flags(overrides: dict | None) -> list[str]:
+    """`experiments.run`'s flags setting `overrides` (`RunConfig` fields)."""
+    flags_ = []
+    for name, value in (overrides or {}).items():
+        if isinstance(value, bool):
+            flags_.append(f"--{name}" if value else f"--no{name}")
+        elif isinstance(value, (list, tuple)):
+            flags_.append(f"--{name}={','.join(str(v) for v in value)}")
+        elif value is not None:
+            flags_.append(f"--{name}={value}")
+    return flags_
+
+
 def run_cell(env: str, dataset: str, preset: str, methods: list[str], out_dir: str,
-             data_dir: str, record_dir: str) -> int:
-    """Runs one cell (a subprocess) and copies its outputs to the record."""
+             data_dir: str, record_dir: str, overrides: dict | None = None) -> int:
+    """Runs one cell (a subprocess; `overrides` of the preset's settings as
+    its flags) and copies its outputs to the record."""
     work = os.path.join(out_dir, preset)
     command = [sys.executable, "-m", "experiments.run", f"--env={env}", f"--dataset={dataset}",
                f"--preset={preset}", f"--methods={','.join(methods)}", f"--out_dir={work}",
-               f"--data_dir={data_dir}"]
+               f"--data_dir={data_dir}", *override_flags(overrides)]
     print(f"[reproduce] {env} / {dataset}: {' '.join(command[2:])}", flush=True)
     code = subprocess.call(command)
     if code:
@@ -437,20 +455,23 @@ def verify_cells(envs: list[str], datasets: list[str], preset: str, record_dir: 
 
 
 def run_cells(envs: list[str], datasets: list[str], preset: str, methods: list[str],
-              out_dir: str, data_dir: str, record_dir: str) -> list[str]:
-    """Runs each cell not yet recorded under `preset`'s current settings,
+              out_dir: str, data_dir: str, record_dir: str,
+              overrides: dict | None = None) -> list[str]:
+    """Runs each cell not yet recorded under `preset`'s current settings (with
+    `overrides`, as `experiments.paper_scale --dry_run` shrinks them),
     rewriting REPORT.md after each; returns the cells that failed."""
     failed = []
     for env in envs:
         for dataset in datasets:
             results = recorded(record_dir, preset, env, dataset)
-            if is_done(results, preset, methods):
+            if is_done(results, preset, methods, overrides):
                 print(f"[reproduce] {env} / {dataset}: recorded, skipped", flush=True)
                 continue
-            if results and (changed := settings_changed(results, preset)):
+            if results and (changed := settings_changed(results, preset, overrides)):
                 print(f"[reproduce] {env} / {dataset}: recorded under other settings "
                       f"({'; '.join(changed)}), re-running", flush=True)
-            if run_cell(env, dataset, preset, methods, out_dir, data_dir, record_dir):
+            if run_cell(env, dataset, preset, methods, out_dir, data_dir, record_dir,
+                        overrides):
                 failed.append(f"{env}/{dataset}")
             write_report(record_dir, preset)
     return failed
