@@ -471,7 +471,7 @@ def run_cells(envs: list[str], datasets: list[str], preset: str, methods: list[s
                 print(f"[reproduce] {env} / {dataset}: recorded under other settings "
                       f"({'; '.join(changed)}), re-running", flush=True)
             if run_cell(env, dataset, preset, methods, out_dir, data_dir, record_dir,
-                        overrides):
+                        overrides=overrides):
                 failed.append(f"{env}/{dataset}")
             write_report(record_dir, preset)
     return failed
