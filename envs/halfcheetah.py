@@ -53,6 +53,7 @@ import gymnasium
 import jax
 import jax.numpy as jnp
 import mujoco
+import numpy as np
 from flax import struct
 from gymnax.environments import spaces
 
@@ -185,6 +186,33 @@ class HalfCheetah(HeterogeneousEnv):
         model.body_mass[:] = self.mj_model.body_mass * mass_scale
         model.dof_damping[:] = self.mj_model.dof_damping * damping_scale
         return model
+
+    # -- the same physics on MuJoCo's C simulator (host side, numpy) -----------
+    # What `persim_jax.mujoco_physics` needs to step the planner's states with
+    # `mujoco.rollout` instead of MJX: the C model of an agent, and the
+    # observation <-> MuJoCo state maps of `state_from_obs` / `get_obs`.
+
+    def c_model_for_covariates(self, covariates) -> mujoco.MjModel:
+        """`c_model_for` the agent whose covariates are (mass_scale,
+        damping_scale) (2,)."""
+        mass_scale, damping_scale = (float(v) for v in covariates)
+        return self.c_model_for(mass_scale, damping_scale)
+
+    def c_state_from_obs(self, obs) -> np.ndarray:
+        """(N, 19) float64 MuJoCo states (`mjSTATE_FULLPHYSICS`: time, qpos
+        (9,), qvel (9,)) of obs (N, 18), as `state_from_obs` rebuilds them:
+        time 0, torso x 0, qpos[1:] = obs[1:9], qvel = obs[9:18]."""
+        obs = np.asarray(obs, np.float64)
+        state = np.zeros((obs.shape[0], 1 + self.obs_dim), np.float64)
+        state[:, 2:] = obs[:, 1:]
+        return state
+
+    def obs_from_c_state(self, state) -> np.ndarray:
+        """(N, 18) observations of MuJoCo states (N, 19) reached by one env
+        step from `c_state_from_obs` (whose torso x was 0, so obs[0], the x
+        displacement over the step divided by dt, is qpos[0] / dt)."""
+        state = np.asarray(state)
+        return np.concatenate([state[:, 1:2] / self.dt, state[:, 2:]], axis=1)
 
     def _params_from_covariates(self, covariates):
         return EnvParams(

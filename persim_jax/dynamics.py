@@ -6,6 +6,7 @@ protocols take (the contracts are in `persim_jax.types`).
     dynamics = env_dynamics(env, params)                    # M = 1, the true physics
     for_agent = simulator_dynamics_for_agent(simulator)     # PerSim
     for_agent = true_env_dynamics_for_agent(env)            # "True env + MPC"
+                                  # (HalfCheetah on a CPU: MuJoCo's C simulator)
     model = contextual(dynamics)     # a ContextualDynamics (empty context if plain)
 """
 
@@ -18,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from persim_jax import mujoco_physics
 from persim_jax.persim import model
 from persim_jax.types import ContextualDynamics, Dynamics
 
@@ -192,22 +194,54 @@ def simulator_dynamics_for_agent(simulator, agent_ids: Sequence[int] | None = No
 # Dynamics for agent: the true environment ("True env + MPC")
 
 
+# The true env's physics engines: MJX (JAX, jittable anywhere) or MuJoCo's C
+# simulator through `mujoco.rollout` (host threads; faster on a CPU).
+PHYSICS = ("auto", "mjx", "mujoco")
+
+
+def resolve_physics(env, physics: str = "auto") -> str:
+    """The engine "auto" stands for: "mujoco" on the CPU backend for an env
+    with a C model (`mujoco_physics.has_c_physics`), else "mjx" (accelerators
+    keep MJX; gymnax's classic-control envs have only their JAX step, named
+    "mjx" here too). ValueError for an unknown name or "mujoco" on an env
+    without a C model."""
+    if physics not in PHYSICS:
+        raise ValueError(f"physics: must be one of {', '.join(PHYSICS)}; got {physics!r}")
+    has_c = mujoco_physics.has_c_physics(env)
+    if physics == "auto":
+        return "mujoco" if has_c and jax.default_backend() == "cpu" else "mjx"
+    if physics == "mujoco" and not has_c:
+        raise ValueError(f"physics: {env.name} has no MuJoCo C model; use 'mjx' or 'auto'")
+    return physics
+
+
 @struct.dataclass
 class TrueEnvDynamicsForAgent:
     """Agent covariates -> the true env's dynamics with that agent's physics
     (one member; see `env_dynamics`, `HeterogeneousEnv.state_from_obs`).
 
-    Equal for equal envs, so repeated `evaluation.run_episodes` calls reuse
-    one compiled program."""
+    Attributes:
+      env: the environment.
+      physics: "mjx": the env's own JAX step (`env_dynamics`); "mujoco":
+        MuJoCo's C simulator on host threads
+        (`mujoco_physics.mujoco_dynamics`), the same step to float32
+        rounding.
+
+    Equal for equal envs and physics, so repeated `evaluation.run_episodes`
+    calls reuse one compiled program."""
 
     env: Any = struct.field(pytree_node=False)
+    physics: str = struct.field(pytree_node=False, default="mjx")
 
     def __call__(self, agent_index, covariates) -> Dynamics:
         del agent_index
+        if self.physics == "mujoco":
+            return mujoco_physics.mujoco_dynamics(self.env, covariates)
         return env_dynamics(self.env, self.env.covariates_to_params(covariates))
 
 
-def true_env_dynamics_for_agent(env) -> TrueEnvDynamicsForAgent:
+def true_env_dynamics_for_agent(env, physics: str = "auto") -> TrueEnvDynamicsForAgent:
     """`DynamicsForAgent` of the true environment ("True env + MPC"): each
-    agent's own physics from its covariates, one member."""
-    return TrueEnvDynamicsForAgent(env)
+    agent's own physics from its covariates, one member; `physics` "auto",
+    "mjx" or "mujoco" (see `resolve_physics`)."""
+    return TrueEnvDynamicsForAgent(env, resolve_physics(env, physics))
