@@ -223,12 +223,17 @@ def train_cost(env, config: RunConfig, transitions: int) -> dict:
         return train_lib.make_epoch_fn(model_config, training.learning_rate, batch, rows,
                                        has_validation, training.lr_halving_epochs)
 
-    full = compile_program(epoch(num_train, num_validation > 0),
-                           epoch_args(num_train, max(num_validation, 1)))
+    full_args = epoch_args(num_train, max(num_validation, 1))
+    full = compile_program(epoch(num_train, num_validation > 0), full_args)
     one = compile_program(epoch(batch, False), epoch_args(batch, 1))
-    timed_steps = min(steps, TIMED_STEPS)
-    timed_args = epoch_args(timed_steps * batch, 1)
-    timed = compile_program(epoch(timed_steps * batch, False), timed_args)
+    # Seconds: the epoch itself when it is short, else one of TIMED_STEPS
+    # steps with its share of validation rows.
+    timed_steps, timed, timed_args = steps, full, full_args
+    if steps > TIMED_STEPS:
+        timed_steps = TIMED_STEPS
+        rows = timed_steps * batch
+        timed_args = epoch_args(rows, max(1, round(rows * num_validation / num_train)))
+        timed = compile_program(epoch(rows, num_validation > 0), timed_args)
     units = config.trials * config.epochs * steps
     return stage_row(
         work={"transitions": transitions, "training_rows": num_train, "epochs": config.epochs,
@@ -236,8 +241,8 @@ def train_cost(env, config: RunConfig, transitions: int) -> dict:
               "batch_size": batch, "steps_per_epoch": steps},
         units=units, unit="optimiser step of the M members", memory=memory_of(full),
         flops_per_unit=flops_of(one), seconds_per_unit=seconds_of(timed, timed_args) / timed_steps,
-        program=f"persim.train.make_epoch_fn at {num_train} rows (validation excluded from "
-                "FLOPs and seconds)")
+        program=f"persim.train.make_epoch_fn at {num_train} rows (validation scoring in the "
+                "seconds, not in the FLOPs)")
 
 
 def random_simulator(env, config: RunConfig) -> Simulator:
@@ -304,19 +309,25 @@ def mpc_cost(env, config: RunConfig, method: methods.Method, trained, trials: in
     max_steps = config.max_steps or env.max_episode_steps
     episodes = config.episodes
     actor = episodes_lib.PlannerActorForAgent(planner, dynamics)
-    full = compile_program(*episodes_program(actor, env, covariates, episodes, max_steps, None,
-                                             devices))
+    full_program, full_args = episodes_program(actor, env, covariates, episodes, max_steps, None,
+                                               devices)
+    full = compile_program(full_program, full_args)
     # FLOPs: one plan of the first test agent, the planner's loops cut to
     # one trip (XLA's count of the sharded episodes program omits its body).
     small, trips = one_trip_planner(planner, env)
     one = compile_program(jax.jit(functools.partial(one_plan, small, dynamics)),
                           (jax.random.PRNGKey(0), jnp.asarray(covariates[0], jnp.float32),
                            jnp.zeros((env.obs_dim,), jnp.float32)))
-    # Seconds: one step of the batch as the run plays it; on a CPU, where
-    # episodes run one at a time, one episode per agent (time is linear in them).
+    # Seconds: one step of the batch as the run plays it (the whole program
+    # when it is as short); on a CPU, where episodes run one at a time, one
+    # episode per agent (time is linear in them).
     timed_episodes = episodes if devices[0].platform != "cpu" else 1
-    program, args = episodes_program(actor, env, covariates, timed_episodes, 1, None, devices)
-    seconds = seconds_of(compile_program(program, args), args)
+    if timed_episodes == episodes and max_steps <= TIMED_STEPS:
+        seconds = seconds_of(full, full_args) / max_steps
+    else:
+        program, args = episodes_program(actor, env, covariates, timed_episodes, 1, None,
+                                         devices)
+        seconds = seconds_of(compile_program(program, args), args)
     plans = trials * len(agent_ids) * episodes * max_steps
     per_plan = seconds / (len(agent_ids) * timed_episodes)
     flops = flops_of(one)

@@ -6,15 +6,12 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 
-from experiments import paper_scale
+from experiments import cli, paper_scale
 from experiments.config import UserError
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MEASURED = ("dataset", "train_persim", "reward_persim")
 
 
@@ -104,7 +101,7 @@ def test_borrowed_stages_keep_the_rate_and_scale_the_work():
     assert other["basis"] == "rate of train_persim (same network)"
 
 
-def test_bad_requests_are_refused_before_any_output(tmp_path):
+def test_bad_requests_are_refused_before_any_output(tmp_path, capsys):
     out = str(tmp_path / "out")
     with pytest.raises(UserError, match="--envs: unknown pendulum"):
         paper_scale.run(["pendulum"], ["pure"], ["all"], out, out, out)
@@ -113,9 +110,9 @@ def test_bad_requests_are_refused_before_any_output(tmp_path):
     with pytest.raises(UserError, match="--methods: unknown magic"):
         paper_scale.run(["cartpole"], ["pure"], ["magic"], out, out, out)
     assert not os.path.exists(out)
-    result = subprocess.run([sys.executable, "-m", "experiments.paper_scale", "--envs=pendulum",
-                             "--dry_run", f"--out_dir={out}"], cwd=ROOT, capture_output=True,
-                            text=True, timeout=120)
-    assert result.returncode == 2
-    assert result.stderr.strip().splitlines()[-1] == (
-        "error: --envs: unknown pendulum; valid: mountaincar, cartpole, halfcheetah")
+    # The command's exit: one line naming the problem, code 2.
+    code = cli.exit_on_user_error(lambda: paper_scale.run(["pendulum"], ["pure"], ["all"], out,
+                                                          out, out))
+    assert code == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "error: --envs: unknown pendulum; valid: mountaincar, cartpole, halfcheetah"]
