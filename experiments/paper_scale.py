@@ -149,6 +149,10 @@ def compile_program(program, args):
     return program.lower(*args).compile()
 
 
+def say(message: str) -> None:
+    print(f"[paper_scale] {message}", flush=True)
+
+
 def stage_row(*, work: dict, units: float, unit: str, memory, flops_per_unit, seconds_per_unit,
               program: str, basis: str = "measured") -> dict:
     """One stage of the report: its work, the program measured and the
@@ -440,9 +444,12 @@ def env_cost(env_name: str, config: RunConfig) -> dict:
     chosen = methods_for(env, config)
     steps = env.max_episode_steps
     transitions = config.num_agents * steps
+    say(f"{env_name}: measuring the dataset stage's program")
     stages = {"dataset": dataset_cost(env, config)}
     by_name = {m.name: m for m in chosen}
+    say(f"{env_name}: measuring PerSim's training epoch")
     stages["train_persim"] = train_cost(env, config, transitions)
+    say(f"{env_name}: measuring PerSim's MPC episodes")
     persim_mpc = mpc_cost(env, config, by_name["persim"], random_simulator(env, config),
                           config.trials)
     for method in chosen:
@@ -455,6 +462,7 @@ def env_cost(env_name: str, config: RunConfig) -> dict:
                 row, {"transitions": rows, "epochs": config.epochs, "trials": config.trials},
                 row["units"] * share, "train_persim")
         elif name in ("bcq_p", "bcq_a"):
+            say(f"{env_name}: measuring {name}'s training chunk")
             stages[f"train_{name}"] = bcq_cost(env, config, method, transitions, steps)
         elif name in ("vanilla_cadm", "pe_ts_cadm"):
             settings = method.config
@@ -470,6 +478,7 @@ def env_cost(env_name: str, config: RunConfig) -> dict:
         if name == "persim":
             stages["reward_persim"] = persim_mpc
         elif name == "true_env_mpc":
+            say(f"{env_name}: measuring True env + MPC's episodes")
             stages["reward_true_env_mpc"] = mpc_cost(env, config, method, None, 1)
         elif name in ("population", "per_agent"):
             stages[f"reward_{name}"] = borrowed(persim_mpc, persim_mpc["work"],
@@ -582,7 +591,7 @@ def load_or_measure(path: str, env_names, datasets, methods_flag, overrides) -> 
             with open(path, encoding="utf-8") as handle:
                 stored = json.load(handle)
             if stored.get("request") == request:
-                print(f"[paper_scale] reusing the cost report {path}", flush=True)
+                say(f"reusing the cost report {path}")
                 return stored
         except (OSError, json.JSONDecodeError):
             pass
