@@ -88,9 +88,27 @@ def _finite(values) -> np.ndarray | None:
     return array if array.size and np.all(np.isfinite(array)) else None
 
 
+def _finite_episodes(values) -> np.ndarray | None:
+    """(T, K, E) per-episode values as an array, or None when absent or any
+    is missing (an unscored episode) or not finite."""
+    if not values:
+        return None
+    try:
+        array = np.asarray(values, np.float64)
+    except (TypeError, ValueError):         # None entries, ragged lists
+        return None
+    return array if array.ndim == 3 and np.all(np.isfinite(array)) else None
+
+
 def _prediction_interval(mine: dict, theirs: dict) -> intervals.Interval | None:
-    """Normal interval of the difference of two methods' mean RMSE over agents,
-    from each agent's std of the per-episode RMSE over its scored episodes."""
+    """The difference of two methods' mean RMSE over agents with its interval:
+    the bootstrap over trials and episodes of the per-episode RMSE where both
+    rows hold them, every episode scored (`rmse_episodes`, (T, K, E)); else
+    the normal interval from each agent's std of the per-episode RMSE over
+    its scored episodes (records made before the per-episode errors were kept)."""
+    episodes = [_finite_episodes(row.get("rmse_episodes")) for row in (mine, theirs)]
+    if all(e is not None for e in episodes) and episodes[0].shape[1] == episodes[1].shape[1]:
+        return intervals.bootstrap_difference(episodes[0], episodes[1], seed=SEED)
     means = [_finite(row.get("rmse")) for row in (mine, theirs)]
     if any(m is None for m in means) or means[0].shape != means[1].shape:
         return None

@@ -141,7 +141,7 @@ def prediction_stage(run: RunDirectory, env, method: methods.Method, trained: li
     start = time.time()
     test_policy = policies.test_policy(env)
     warmup, horizon = paper.PREDICTION_WARMUP, paper.PREDICTION_HORIZON
-    summaries = []
+    summaries, per_episode = [], []
     with run.stage("prediction", f"{method.name}: {len(agent_ids)} agents × "
                    f"{config.prediction_episodes} episodes of the test policy, {warmup} "
                    f"teacher-forced + {horizon} open-loop steps, {len(trained)} trial(s)"):
@@ -152,12 +152,17 @@ def prediction_stage(run: RunDirectory, env, method: methods.Method, trained: li
                 test_policy, covariates, num_episodes=config.prediction_episodes,
                 warmup=warmup, horizon=horizon)
             summaries.append(errors.summary())
+            per_episode.append(np.asarray(errors.rmse, np.float64))
     result = {
         "rmse": floats(np.mean([s["rmse"] for s in summaries], axis=0)),
         "rmse_std": floats(np.mean([s["rmse_std"] for s in summaries], axis=0)),
         "r2_median": floats(np.mean([s["r2_median"] for s in summaries], axis=0)),
         "horizon": horizon, "warmup": warmup, "episodes": config.prediction_episodes,
         "trials": len(trained),
+        # (trials, K, E) each episode's RMSE (None: no state of it scored), so
+        # that the claims resample episodes and trials as they do returns.
+        "rmse_episodes": [[[None if np.isnan(x) else float(x) for x in agent] for agent in trial]
+                          for trial in per_episode],
     }
     return run.store(stage, key, result, time.time() - start)
 

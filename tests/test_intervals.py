@@ -87,6 +87,29 @@ def test_normal_interval_of_mean_errors():
     assert missing.low is None
 
 
+def test_prediction_claims_resample_per_episode_errors_when_recorded():
+    from experiments import claims
+
+    def row(level, with_episodes=True):
+        errors = _returns(level, 0.01, trials=1, agents=5, episodes=10)
+        out = {"rmse": errors.mean(axis=(0, 2)).tolist(), "rmse_std": errors.std(axis=2)[0].tolist(),
+               "episodes": 10, "trials": 1}
+        if with_episodes:
+            out["rmse_episodes"] = errors.tolist()
+        return out
+
+    ours, theirs = row(0.10), row(0.20)
+    found = claims._prediction_interval(ours, theirs)
+    assert "bootstrap" in found.over and found.high < 0          # lower, beyond the noise
+    assert found.difference == pytest.approx(np.mean(ours["rmse"]) - np.mean(theirs["rmse"]))
+    assert intervals.verdict(found, "lower") == "holds"
+    # An older record without per-episode errors, or with an unscored episode:
+    # the normal interval from each agent's std.
+    assert "normal" in claims._prediction_interval(ours, row(0.20, False)).over
+    theirs["rmse_episodes"][0][0][0] = None
+    assert "normal" in claims._prediction_interval(ours, theirs).over
+
+
 def test_bad_inputs_name_the_field():
     with pytest.raises(ValueError, match="returns_a"):
         intervals.bootstrap_difference(np.ones((5, 3)), np.ones((1, 5, 3)))

@@ -41,6 +41,10 @@ def check_results(results, out_dir, env, dataset, figures=True):
     assert len(prediction["rmse"]) == 5 and len(prediction["r2_median"]) == 5
     assert prediction["horizon"] == 50 and prediction["trials"] == 1
     assert np.all(np.isfinite(prediction["rmse"]))
+    per_episode = np.asarray([[[np.nan if x is None else x for x in agent] for agent in trial]
+                              for trial in prediction["rmse_episodes"]])  # (trials, K, E)
+    assert per_episode.shape[:2] == (1, 5)
+    np.testing.assert_allclose(np.nanmean(per_episode, axis=(0, 2)), prediction["rmse"], rtol=1e-5)
     reward = stored["reward"]
     assert len(reward["persim"]["mean"]) == 5 and len(reward["persim"]["std"]) == 5
     assert reward["episodes"] == 1 and reward["trials"] == 1

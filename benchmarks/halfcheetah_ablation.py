@@ -1,0 +1,144 @@
+"""What closes HalfCheetah's reward gap: PerSim's MPC reward on the 5 test
+agents under planner and simulator variants of the quick preset.
+
+    python -m benchmarks.halfcheetah_ablation [--dataset=random] [--episodes=3]
+        [--variants=quick,samples100,horizon20,rounds5,epochs30] [--table]
+
+Each variant is `python -m experiments.run --env=halfcheetah --preset=quick
+--methods=persim --episodes=E` plus its own flags (`VARIANTS`), run as a
+process of its own in one run folder (`--out_dir`), so variants that share a
+simulator reuse its dataset, training and prediction stages, and every
+variant meets the same episode keys (the run's reward keys do not depend on
+the planner). After each variant one JSON line is appended to `--out`: the
+variant, its planner and simulator settings, the model evaluations per plan
+(samples × horizon × rounds × members), every (agent, episode) return, the
+prediction RMSE of its simulator, and the seconds of its reward stage per
+episode. Variants already in `--out` for the same dataset, episodes and seed
+are skipped, so an interrupted sweep resumes.
+
+`--table` prints the recorded rows as a Markdown table; runs nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+from absl import app, flags
+
+from persim_jax.data import atomic_write
+
+# Variant -> experiments.run flags on top of the quick preset (HalfCheetah:
+# CEM 50 samples × horizon 10 × 3 rounds, 10 elites; 100 agents, 10 epochs).
+VARIANTS = {
+    "quick": [],
+    "samples100": ["--candidates=100", "--cem_elites=20"],
+    "horizon20": ["--horizon=20"],
+    "rounds5": ["--cem_rounds=4"],
+    "epochs30": ["--epochs=30"],
+    "agents300": ["--num_agents=300"],
+    "samples100_horizon20": ["--candidates=100", "--cem_elites=20", "--horizon=20"],
+    "paper_cem": ["--candidates=200", "--cem_elites=50", "--horizon=30", "--cem_rounds=5"],
+}
+
+_DATASET = flags.DEFINE_string("dataset", "random", "HalfCheetah dataset.")
+_VARIANTS = flags.DEFINE_list("variants", ["quick", "samples100", "horizon20", "rounds5",
+                                           "epochs30"], f"Of {', '.join(VARIANTS)}.")
+_EPISODES = flags.DEFINE_integer("episodes", 3, "MPC episodes per test agent.")
+_SEED = flags.DEFINE_integer("seed", 0, "The run's seed (dataset, training, episode keys).")
+_OUT_DIR = flags.DEFINE_string("out_dir", os.path.join("runs", "halfcheetah_ablation"),
+                               "The run folder the variants share.")
+_DATA_DIR = flags.DEFINE_string("data_dir", "data", "Dataset cache.")
+_OUT = flags.DEFINE_string("out", os.path.join("benchmarks", "results",
+                                               "halfcheetah_ablation.jsonl"), "JSON lines.")
+_TABLE = flags.DEFINE_bool("table", False, "Print the recorded rows as a Markdown table.")
+
+
+def read_rows(path: str) -> list[dict]:
+    if not os.path.exists(path):
+        return []
+    with open(path, encoding="utf-8") as handle:
+        return [json.loads(line) for line in handle if line.strip()]
+
+
+def row_of(variant: str, results: dict) -> dict:
+    """The JSON line of one finished variant from its run's results.json."""
+    reward = results["reward"]
+    planner = reward["planner"]
+    config = results["config"]
+    returns = np.asarray(reward["persim"]["returns"], np.float64)     # (trials, agents, episodes)
+    members = config["ensemble_size"]
+    evaluations = (planner["num_samples"] * planner["horizon"] * (planner["num_rounds"] + 1)
+                   * members)
+    episodes = returns.shape[1] * returns.shape[2]
+    return {
+        "bench": "halfcheetah_ablation", "variant": variant, "flags": VARIANTS[variant],
+        "dataset": results["dataset"], "seed": results["seed"], "episodes": returns.shape[2],
+        "planner": {key: planner[key] for key in ("num_samples", "horizon", "num_rounds",
+                                                  "num_elites", "discount", "aggregation")},
+        "simulator": {key: config[key] for key in ("num_agents", "epochs", "ensemble_size")},
+        "model_evaluations_per_plan": evaluations,
+        "returns": returns[0].tolist(),
+        "agent_means": returns[0].mean(axis=1).tolist(),
+        "mean": float(returns[0].mean()),
+        "prediction_rmse": results["prediction"]["persim"]["mean"]
+        if results.get("prediction") and results["prediction"].get("persim") else None,
+        "reward_seconds_per_episode": results["timing_s"]["reward"] / episodes,
+        "devices": results.get("devices"),
+        "libraries": results.get("libraries"),
+    }
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| variant | samples × horizon × rounds | simulator (agents, epochs) | model evaluations "
+             "per plan | agent 0 | agent 1 | agent 2 | agent 3 | agent 4 | mean | s / episode |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for row in rows:
+        planner, simulator = row["planner"], row["simulator"]
+        agents = " | ".join(f"{value:.1f}" for value in row["agent_means"])
+        lines.append(
+            f"| {row['variant']} ({row['dataset']}, {row['episodes']} ep.) | "
+            f"{planner['num_samples']} × {planner['horizon']} × {planner['num_rounds'] + 1} | "
+            f"{simulator['num_agents']}, {simulator['epochs']} | "
+            f"{row['model_evaluations_per_plan']:,} | {agents} | {row['mean']:.1f} | "
+            f"{row['reward_seconds_per_episode']:.0f} |")
+    return "\n".join(lines)
+
+
+def main(argv):
+    del argv
+    if _TABLE.value:
+        print(table(read_rows(_OUT.value)))
+        return
+    unknown = [name for name in _VARIANTS.value if name not in VARIANTS]
+    if unknown:
+        raise app.UsageError(f"--variants: unknown {', '.join(unknown)}; valid: "
+                             f"{', '.join(VARIANTS)}")
+    for variant in _VARIANTS.value:
+        done = {(r["variant"], r["dataset"], r["episodes"], r["seed"])
+                for r in read_rows(_OUT.value)}
+        if (variant, _DATASET.value, _EPISODES.value, _SEED.value) in done:
+            print(f"[{variant}] recorded; skipped", flush=True)
+            continue
+        command = [sys.executable, "-m", "experiments.run", "--env=halfcheetah",
+                   f"--dataset={_DATASET.value}", "--preset=quick", "--methods=persim",
+                   f"--episodes={_EPISODES.value}", f"--seed={_SEED.value}", "--skip=plots",
+                   f"--out_dir={_OUT_DIR.value}", f"--data_dir={_DATA_DIR.value}",
+                   *VARIANTS[variant]]
+        print(f"[{variant}] {' '.join(command[1:])}", flush=True)
+        subprocess.check_call(command)
+        path = os.path.join(_OUT_DIR.value, "halfcheetah", _DATASET.value, "results.json")
+        with open(path, encoding="utf-8") as handle:
+            row = row_of(variant, json.load(handle))
+        lines = [json.dumps(r) for r in read_rows(_OUT.value)] + [json.dumps(row)]
+        with atomic_write(_OUT.value, "w") as handle:
+            handle.write("\n".join(lines) + "\n")
+        print(f"[{variant}] mean {row['mean']:.1f}; agents "
+              f"{', '.join(f'{v:.1f}' for v in row['agent_means'])}", flush=True)
+
+
+if __name__ == "__main__":
+    app.run(main)
