@@ -34,7 +34,8 @@ agents:
     episodes' candidates). Seconds of a second call (the first compiles) of
     `--episode_steps` (MuJoCo) / `--mjx_episode_steps` (MJX) steps, per MPC
     step and extrapolated to a 1000-step episode (`extrapolated: true`);
-    `--full_episode` also times whole 1000-step episodes with MuJoCo.
+    `--full_episode` also times whole 1000-step episodes with MuJoCo, in
+    one call whose time includes the compilation (`includes_compilation`).
 """
 
 from __future__ import annotations
@@ -231,8 +232,9 @@ def planner_rates(env, covariates, configs, repeats: int, engines) -> list[dict]
 
 
 def episode_times(env, covariates, config, physics: str, steps: int, chunk_size,
-                  label: str) -> dict:
-    """Seconds of run_episodes (5 agents × 1 episode, `steps` MPC steps)."""
+                  label: str, warm: bool = True) -> dict:
+    """Seconds of run_episodes (5 agents × 1 episode, `steps` MPC steps): of
+    a second call when `warm`, else of the first (compilation included)."""
     planner = planning.make_planner(config, env)
     for_agent = methods.TrueEnvMPC(env, physics).dynamics_for_agent(None, range(len(covariates)))
     options = {"max_steps": steps}
@@ -245,16 +247,18 @@ def episode_times(env, covariates, config, physics: str, steps: int, chunk_size,
 
     say(f"episodes {physics} {label} steps={steps}")
     start = time.perf_counter()
-    run()
-    first = time.perf_counter() - start
-    start = time.perf_counter()
     returns = run()
-    seconds = time.perf_counter() - start
+    first = seconds = time.perf_counter() - start
+    if warm:
+        start = time.perf_counter()
+        returns = run()
+        seconds = time.perf_counter() - start
     row = {"physics": physics, "options": label, "agents": len(covariates), "episodes": 1,
            "steps_timed": steps, "compile_and_first_s": first, "seconds": seconds,
            "seconds_per_mpc_step": seconds / steps,
            "seconds_per_1000_step_episode": seconds / steps * 1000,
-           "extrapolated": steps != 1000, "returns": np.asarray(returns).ravel().tolist()}
+           "extrapolated": steps != 1000, "includes_compilation": not warm,
+           "returns": np.asarray(returns).ravel().tolist()}
     say(json.dumps(row))
     return row
 
@@ -297,8 +301,10 @@ def main(argv):
         record["episodes"] = rows
         write(record)
         if _FULL_EPISODE.value and "mujoco" in _PHYSICS.value:
+            # One call (a second would double ~15 min): its compilation is
+            # about the 20-step row's compile_and_first_s minus its seconds.
             rows.append(episode_times(env, covariates, quick, "mujoco", 1000, "default",
-                                      "default (1 episode at a time per device)"))
+                                      default, warm=False))
         record["episodes"] = rows
     write(record)
     say(f"wrote {_OUT.value}")
