@@ -13,7 +13,8 @@ the planner). After each variant one JSON line is appended to `--out`: the
 variant, its planner and simulator settings, the model evaluations per plan
 (samples × horizon × rounds × members), every (agent, episode) return, the
 prediction RMSE of its simulator, and the seconds of its reward stage per
-episode. Variants already in `--out` for the same dataset, episodes and seed
+episode (the `true_env` variant also runs True env + MPC, so its seconds are
+both methods'; its returns are `true_env_mpc_returns`). Variants already in `--out` for the same dataset, episodes and seed
 are skipped, so an interrupted sweep resumes.
 
 `--table` prints the recorded rows as a Markdown table; runs nothing.
@@ -42,6 +43,9 @@ VARIANTS = {
     "agents300": ["--num_agents=300"],
     "samples100_horizon20": ["--candidates=100", "--cem_elites=20", "--horizon=20"],
     "paper_cem": ["--candidates=200", "--cem_elites=50", "--horizon=30", "--cem_rounds=5"],
+    # The quick planner on each agent's true physics (MuJoCo's C simulator on
+    # a CPU): what the planner earns when the simulator is perfect.
+    "true_env": ["--methods=persim,true_env_mpc"],
 }
 
 _DATASET = flags.DEFINE_string("dataset", "random", "HalfCheetah dataset.")
@@ -82,6 +86,8 @@ def row_of(variant: str, results: dict) -> dict:
         "simulator": {key: config[key] for key in ("num_agents", "epochs", "ensemble_size")},
         "model_evaluations_per_plan": evaluations,
         "returns": returns[0].tolist(),
+        "true_env_mpc_returns": (np.asarray(reward["true_env_mpc"]["returns"])[0].tolist()
+                                 if reward.get("true_env_mpc") else None),
         "agent_means": returns[0].mean(axis=1).tolist(),
         "mean": float(returns[0].mean()),
         "prediction_rmse": results["prediction"]["persim"]["mean"]
@@ -94,16 +100,20 @@ def row_of(variant: str, results: dict) -> dict:
 
 def table(rows: list[dict]) -> str:
     lines = ["| variant | samples × horizon × rounds | simulator (agents, epochs) | model evaluations "
-             "per plan | agent 0 | agent 1 | agent 2 | agent 3 | agent 4 | mean | s / episode |",
-             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "per plan | agent 0 | agent 1 | agent 2 | agent 3 | agent 4 | mean | True env + MPC "
+             "mean | s / episode |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for row in rows:
         planner, simulator = row["planner"], row["simulator"]
         agents = " | ".join(f"{value:.1f}" for value in row["agent_means"])
+        true_env = ("–" if row.get("true_env_mpc_returns") is None
+                    else f"{np.mean(row['true_env_mpc_returns']):.1f}")
         lines.append(
             f"| {row['variant']} ({row['dataset']}, {row['episodes']} ep.) | "
             f"{planner['num_samples']} × {planner['horizon']} × {planner['num_rounds'] + 1} | "
             f"{simulator['num_agents']}, {simulator['epochs']} | "
             f"{row['model_evaluations_per_plan']:,} | {agents} | {row['mean']:.1f} | "
+            f"{true_env} | "
             f"{row['reward_seconds_per_episode']:.0f} |")
     return "\n".join(lines)
 
@@ -123,8 +133,10 @@ def main(argv):
         if (variant, _DATASET.value, _EPISODES.value, _SEED.value) in done:
             print(f"[{variant}] recorded; skipped", flush=True)
             continue
+        methods = [] if any(f.startswith("--methods=") for f in VARIANTS[variant]) else \
+            ["--methods=persim"]
         command = [sys.executable, "-m", "experiments.run", "--env=halfcheetah",
-                   f"--dataset={_DATASET.value}", "--preset=quick", "--methods=persim",
+                   f"--dataset={_DATASET.value}", "--preset=quick", *methods,
                    f"--episodes={_EPISODES.value}", f"--seed={_SEED.value}", "--skip=plots",
                    f"--out_dir={_OUT_DIR.value}", f"--data_dir={_DATA_DIR.value}",
                    *VARIANTS[variant]]
@@ -136,6 +148,9 @@ def main(argv):
         lines = [json.dumps(r) for r in read_rows(_OUT.value)] + [json.dumps(row)]
         with atomic_write(_OUT.value, "w") as handle:
             handle.write("\n".join(lines) + "\n")
+        if row["true_env_mpc_returns"] is not None:
+            print(f"[{variant}] True env + MPC mean "
+                  f"{np.mean(row['true_env_mpc_returns']):.1f}", flush=True)
         print(f"[{variant}] mean {row['mean']:.1f}; agents "
               f"{', '.join(f'{v:.1f}' for v in row['agent_means'])}", flush=True)
 
