@@ -90,8 +90,9 @@ def row_of(variant: str, results: dict) -> dict:
                                  if reward.get("true_env_mpc") else None),
         "agent_means": returns[0].mean(axis=1).tolist(),
         "mean": float(returns[0].mean()),
-        "prediction_rmse": results["prediction"]["persim"]["mean"]
-        if results.get("prediction") and results["prediction"].get("persim") else None,
+        # results.json's "prediction" is PerSim's row: per-agent mean RMSE.
+        "prediction_rmse": (float(np.mean(results["prediction"]["rmse"]))
+                            if results.get("prediction") else None),
         "reward_seconds_per_episode": results["timing_s"]["reward"] / episodes,
         "devices": results.get("devices"),
         "libraries": results.get("libraries"),
