@@ -4,9 +4,27 @@ built once per session."""
 
 from __future__ import annotations
 
+import atexit
+import os
+import shutil
+import tempfile
 
-import jax
-import jax.numpy as jnp
+# One persistent XLA compilation cache for the whole test run, set before JAX
+# starts: the test workers and the commands the tests start as subprocesses
+# (they inherit the environment) compile many identical programs (the same
+# env steps, planners and training steps built from fresh closures), and
+# each is compiled once instead of once per process or closure. The process
+# that creates the folder (pytest's controller, or the only process under
+# -n0) removes it when it exits; a user's own JAX_COMPILATION_CACHE_DIR is
+# kept as it is.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    _CACHE_DIR = tempfile.mkdtemp(prefix="persim-jax-tests-xla-")
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _CACHE_DIR
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
+    atexit.register(shutil.rmtree, _CACHE_DIR, ignore_errors=True)
+
+import jax  # noqa: E402  (after the cache settings, which JAX reads at import)
+import jax.numpy as jnp  # noqa: E402
 import numpy as np
 import pytest
 
