@@ -21,7 +21,6 @@ from experiments import paper
 from experiments.cache import RunDirectory, digest, say, warn_damaged
 from experiments.datagen import policies
 from persim_jax import data, evaluation, methods, planning
-from persim_jax import dynamics as dynamics_lib
 from persim_jax.persim.simulator import Simulator
 
 
@@ -185,17 +184,10 @@ def reward_stage(run: RunDirectory, env, method: methods.Method, trained: list, 
                     if k != "shard_candidates"} if model_based else None)
     episodes = config.episodes if model_based else config.policy_episodes
     trains = isinstance(method, methods.Trains)
-    key_fields = {"train": train_key if trains else None, "method": method.name,
+    key = digest({"train": train_key if trains else None, "method": method.name,
                   "planner": planner_key, "episodes": episodes,
-                  "max_steps": config.max_steps, "agents": agent_ids.tolist(), "seed": seed}
-    physics = (dynamics_lib.resolve_physics(env, method.physics)
-               if hasattr(method, "physics") else "mjx")
-    if physics != "mjx":
-        # The planner's physics engine (True env + MPC on MuJoCo's C simulator
-        # on a CPU); the env's own JAX step, the only engine before, keeps
-        # the keys results were stored under.
-        key_fields["physics"] = physics
-    key = digest(key_fields)
+                  "max_steps": config.max_steps, "agents": agent_ids.tolist(), "seed": seed,
+                  **(method.reward_key(env) if model_based else {})})
     stage = f"reward_{method.name}"
     cached = run.cached(stage, key)
     if cached is not None:

@@ -121,6 +121,14 @@ class ModelBased(Method):
         changes fields."""
         return config
 
+    def reward_key(self, env) -> dict:
+        """What this method's MPC returns depend on besides the run's planner,
+        episodes and seeds, for the reward stage's cache key: nothing by
+        default; True env + MPC names a physics engine other than the env's
+        own JAX step."""
+        del env
+        return {}
+
 
 class ModelFree(Method):
     """A method that hands a policy per agent: reward only."""

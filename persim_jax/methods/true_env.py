@@ -9,7 +9,7 @@ from typing import Any, ClassVar
 
 import jax
 
-from persim_jax.dynamics import PHYSICS, true_env_dynamics_for_agent
+from persim_jax.dynamics import PHYSICS, resolve_physics, true_env_dynamics_for_agent
 from persim_jax.methods.base import ModelBased
 
 
@@ -45,6 +45,12 @@ class TrueEnvMPC(ModelBased):
         if stage == "reward":
             return jax.random.PRNGKey(seed + 3000 + trial)
         return super().key(stage, seed, trial)
+
+    def reward_key(self, env) -> dict:
+        # The env's own JAX step, the only engine before, keeps the keys
+        # results were stored under.
+        physics = resolve_physics(env, self.physics)
+        return {} if physics == "mjx" else {"physics": physics}
 
     def dynamics_for_agent(self, trained, agent_ids, *, for_planning=True):
         del trained, agent_ids    # each agent's physics comes from its covariates
