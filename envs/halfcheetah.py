@@ -27,6 +27,11 @@ Choices, after the authors' code (`docs/authors-code.md` 1.3):
   on all 9 entries (the authors' noise, not gym's).
 - Episodes last 1000 steps (paper, Table 8; the authors' loop ran 1001) and
   never terminate early.
+- Instability: as MuJoCo's C simulator (and so gym's env) does, a substep
+  whose qpos, qvel or qacc holds a NaN or a value beyond mjMAXVAL (1e10)
+  resets the simulation to qpos0 at rest with zero ctrl, and the episode goes
+  on from there (MJX itself does not check). obs[0] and the reward of that
+  step then difference rootx against the pre-reset position, as gym's would.
 
 The whole `mjx.Data` is kept in the state, so the solver's warm start
 (`qacc_warmstart`) carries over from step to step as in the C simulator.
@@ -78,6 +83,12 @@ AGENTS = AgentSpec(
     policy_training_agents=((0.6, 1.4), (1.4, 0.6), (0.6, 0.6), (1.4, 1.4)),
     default=(1.0, 1.0),
 )
+
+
+def _is_bad(x: jax.Array) -> jax.Array:
+    """() whether x holds a NaN or a magnitude above MuJoCo's mjMAXVAL (1e10),
+    C MuJoCo's test for an unstable simulation (`mju_isBad`)."""
+    return ~jnp.all(jnp.abs(x) <= mujoco.mjMAXVAL)
 
 
 @struct.dataclass
@@ -243,7 +254,25 @@ class HalfCheetah(HeterogeneousEnv):
         obs = self.get_obs(state)
         data = state.data.replace(ctrl=action)
         x_before = data.qpos[0]
-        data = jax.lax.fori_loop(0, self.frame_skip, lambda _, d: mjx.step(model, d), data)
+        # MuJoCo's C simulator resets mjData (qpos0, zero qvel, ctrl and warm
+        # start) when qpos, qvel or qacc hold a NaN or a value beyond mjMAXVAL
+        # (mj_checkPos/Vel/Acc) and steps on from there; gym's envs, the
+        # paper's, inherit that. MJX does not check, so we do, per substep,
+        # with the same test: before the step on qpos and qvel, as C does, and
+        # after it on all three (C checks qacc before integrating; a bad one
+        # here is reset without C's one substep of falling from rest).
+        # Nothing changes unless a state is bad.
+        reset_data = mjx.make_data(model).replace(qpos=jnp.asarray(self.mj_model.qpos0, dtype))
+
+        def reset_if(bad, d):
+            return jax.tree.map(lambda reset, x: jnp.where(bad, reset, x), reset_data, d)
+
+        def substep(_, d):
+            d = reset_if(_is_bad(d.qpos) | _is_bad(d.qvel), d)
+            d = mjx.step(model, d)
+            return reset_if(_is_bad(d.qpos) | _is_bad(d.qvel) | _is_bad(d.qacc), d)
+
+        data = jax.lax.fori_loop(0, self.frame_skip, substep, data)
         next_state = EnvState(
             data=data,
             x_velocity=(data.qpos[0] - x_before) / self.dt,

@@ -247,6 +247,31 @@ def test_action_clipping(env, stepped):
     np.testing.assert_allclose(reward, obs[0] - 0.1 * jnp.sum(clipped ** 2), rtol=1e-6)
 
 
+@pytest.mark.parametrize("field, index, value", [("qvel", 3, 1e11), ("qpos", 2, float("nan"))])
+def test_an_unstable_state_is_reset_as_the_c_simulator_does(env, stepped, field, index, value):
+    # C MuJoCo resets mjData (qpos0, zero qvel and ctrl) when a qpos/qvel/qacc
+    # entry is NaN or beyond mjMAXVAL, and steps on from there (gym's envs
+    # inherit it); the MJX env emulates that, so one step from a bad state is
+    # C's five substeps from rest.
+    params, _, state, action, _ = stepped
+    bad = np.asarray(getattr(state.data, field)).copy()
+    bad[index] = value
+    state = state.replace(data=state.data.replace(**{field: jnp.asarray(bad)}))
+    obs, next_state, reward, _, _ = env.step(jax.random.key(0), state, action, params)
+
+    c_model = env.c_model_for(0.7, 1.3)
+    c_data = mujoco.MjData(c_model)
+    c_data.qpos[:], c_data.qvel[:] = np.asarray(state.data.qpos), np.asarray(state.data.qvel)
+    c_data.ctrl[:] = np.asarray(action)
+    mujoco.mj_step(c_model, c_data, nstep=5)
+    warning = {"qpos": mujoco.mjtWarning.mjWARN_BADQPOS, "qvel": mujoco.mjtWarning.mjWARN_BADQVEL}
+    assert c_data.warning[warning[field]].number == 1
+    assert np.all(np.isfinite(np.asarray(obs))) and np.isfinite(float(reward))
+    np.testing.assert_allclose(next_state.data.qpos[1:], c_data.qpos[1:], atol=1e-5)
+    np.testing.assert_allclose(next_state.data.qvel, c_data.qvel, atol=1e-4)
+    np.testing.assert_allclose(next_state.data.ctrl, 0.0)
+
+
 def test_reward_and_termination_functions_broadcast():
     env_default, env_paper = HalfCheetah(), envs.make("halfcheetah", ctrl_cost_weight=0.05)
     key_obs, key_action, key_next = jax.random.split(jax.random.key(0), 3)
