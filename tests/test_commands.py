@@ -54,7 +54,8 @@ def test_new_agents_then_run_reuses_its_simulator(tmp_path, data_dir):
 
     # experiments.run gives PerSim the same training key: it reuses the simulator.
     result = command("run", "--env=mountaincar", "--dataset=random", f"--out_dir={out}",
-                     f"--data_dir={data_dir}", "--skip=plots", "--notrue_env_mpc", *TINY)
+                     f"--data_dir={data_dir}", "--skip=plots", "--notrue_env_mpc", "--methods=persim",
+                     *TINY)
     results = json.loads((directory / "results.json").read_text())
     assert results["env"] == "mountaincar" and len(results["prediction"]["rmse"]) == 5
     assert "[train] trial 0: reusing" in result.stderr

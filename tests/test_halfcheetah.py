@@ -364,6 +364,26 @@ def test_batched_step_equals_single_agent_steps(env, batch, batched_step):
     assert np.std(np.asarray(spread)[:, 9:], axis=0).max() > 0.1
 
 
+def test_state_rebuilt_from_obs_steps_like_the_real_state(env, batch, batched_step):
+    # The observation lacks the torso x (irrelevant) and MuJoCo's solver warm
+    # start (reset by `env.state_from_obs`, which True env + MPC plans from):
+    # one step from the rebuilt state must still match the real one to solver
+    # tolerance. The batched step of the test above serves all three calls.
+    _, params, _, state = batch
+    keys = jax.random.split(jax.random.key(15), NUM_BATCH_AGENTS)
+    state = state.replace(data=state.data.replace(
+        qvel=jax.random.normal(jax.random.key(16), (NUM_BATCH_AGENTS, 9))))
+    first, second = jax.random.uniform(jax.random.key(17), (2, NUM_BATCH_AGENTS, 6),
+                                       minval=-1, maxval=1)
+    obs, state, _, _, _ = batched_step(keys, state, first, params)
+    assert np.abs(np.asarray(state.data.qacc_warmstart)).max() > 1.0   # a real warm start
+    expected = batched_step(keys, state, second, params)[0]
+    rebuilt = jax.jit(jax.vmap(env.state_from_obs))(obs, params)
+    np.testing.assert_array_equal(np.asarray(jax.vmap(env.get_obs)(rebuilt)), np.asarray(obs))
+    got = batched_step(keys, rebuilt, second, params)[0]
+    np.testing.assert_allclose(np.asarray(got), np.asarray(expected), rtol=1e-4, atol=1e-3)
+
+
 # -- validation -----------------------------------------------------------------
 
 

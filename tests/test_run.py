@@ -24,8 +24,11 @@ from persim_jax import data, planning
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
+# The baselines too: the quick preset's BCQ (5e4 steps) and CaDM fits are real
+# training, minutes on 2 cores; here they only need to run.
 TINY = dict(trials=1, num_agents=8, ensemble_size=2, epochs=2, state_hidden=(32,), episodes=1,
-            max_steps=12, prediction_episodes=2, candidates=16, horizon=5)
+            max_steps=12, prediction_episodes=2, candidates=16, horizon=5, policy_episodes=1,
+            bcq_iterations=100, cadm_iterations=1, cadm_pairs_per_epoch=1000)
 
 
 def check_results(results, out_dir, env, dataset, figures=True):
