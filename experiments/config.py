@@ -150,7 +150,7 @@ class RunConfig:
         names = available if "all" in self.methods else self.methods
         if "all" in self.methods and not self.true_env_mpc and "true_env_mpc" not in self.methods:
             # "all" compares the methods; the upper-bound row follows the
-            # preset's true_env_mpc (off for HalfCheetah's quick preset).
+            # run's true_env_mpc (`--notrue_env_mpc` leaves it out).
             names = tuple(name for name in names if name != "true_env_mpc")
         unknown = [name for name in names if name not in available]
         if unknown:

@@ -216,11 +216,12 @@ def test_cli_rejects_nan_dataset_without_output(tmp_path):
 
 def test_all_methods_leave_true_env_mpc_to_the_preset():
     available = tuple(METHODS)
-    cheetah = resolve("halfcheetah", "random", "quick", dict(methods=["all"]))
-    assert "true_env_mpc" not in cheetah.method_names(available)        # quick: off
+    assert resolve("halfcheetah", "random", "quick").true_env_mpc        # every preset: on
+    cheetah = resolve("halfcheetah", "random", "quick", dict(methods=["all"], true_env_mpc=False))
+    assert "true_env_mpc" not in cheetah.method_names(available)        # turned off
     assert "bcq_a" in cheetah.method_names(available)
     asked = resolve("halfcheetah", "random", "quick",
-                                 dict(methods=["all", "true_env_mpc"]))
+                    dict(methods=["all", "true_env_mpc"], true_env_mpc=False))
     assert "true_env_mpc" in asked.method_names(available)
     cartpole = resolve("cartpole", "pure", "quick", dict(methods=["all"]))
     assert cartpole.method_names(available) == available

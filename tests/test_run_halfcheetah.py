@@ -20,8 +20,8 @@ def test_halfcheetah_end_to_end(tmp_path):
     settings = resolve("halfcheetah", "random", "quick",
                        dict(TINY, num_agents=8, candidates=8, horizon=3, cem_rounds=1,
                             cem_elites=3, max_steps=4,
-                            methods=("persim", "pe_ts_cadm", "bcq_p")))
-    assert settings.true_env_mpc is False          # quick: off by default (a NaN unexplained)
+                            methods=("persim", "pe_ts_cadm", "bcq_p"), true_env_mpc=False))
+    # True env + MPC on MuJoCo's C simulator: tests/test_true_env_mujoco.py.
     # The figures are the CartPole test's (their code does not depend on the env).
     results = run_pipeline("halfcheetah", "random", settings, preset="quick", seed=0,
                                out_dir=out_dir, data_dir=data_dir, skip=("plots",))
