@@ -75,12 +75,12 @@ def collect_random_actions(env_name: str, key: jax.Array, num_agents: int, steps
 # starting with the longest ones keeps both busy to the end instead of one
 # finishing a long file alone. A file missing here runs after these.
 LONGEST_FIRST = (
-    "test_halfcheetah.py", "test_commands.py", "test_evaluation.py", "test_planning.py",
-    "test_decisions.py", "test_cadm.py", "test_run.py", "test_train.py", "test_policies.py",
-    "test_diagnostics.py", "test_bcq.py", "test_run_halfcheetah.py", "test_datasets.py",
-    "test_paper_scale.py", "test_minari.py", "test_decisions_truth.py", "test_prediction.py",
-    "test_own_data.py", "test_new_agents.py", "test_cache.py", "test_methods.py",
-    "test_true_env_mujoco.py", "test_runtime.py", "test_envs.py", "test_model.py",
+    "test_run.py", "test_commands.py", "test_halfcheetah.py", "test_cadm.py",
+    "test_evaluation.py", "test_planning.py", "test_policies.py", "test_train.py",
+    "test_decisions.py", "test_diagnostics.py", "test_bcq.py", "test_run_halfcheetah.py",
+    "test_decisions_truth.py", "test_paper_scale.py", "test_datasets.py", "test_prediction.py",
+    "test_own_data.py", "test_minari.py", "test_cache.py", "test_true_env_mujoco.py",
+    "test_methods.py", "test_runtime.py", "test_envs.py", "test_new_agents.py", "test_model.py",
 )
 
 

@@ -16,7 +16,7 @@ from sklearn.linear_model import LinearRegression
 
 import envs
 from conftest import collect_random_actions
-from persim_jax import evaluation, planning
+from persim_jax import data, evaluation, planning
 from persim_jax.methods import cadm
 
 # Small networks, a raised step size and 2 × 5 epochs of 2e4 pairs: the
@@ -267,3 +267,50 @@ def _write(path):
 
     path.write_bytes(serialization.msgpack_serialize({"format": "other"}))
     return path
+
+
+def test_pe_ts_fits_and_plans_continuous_actions():
+    """HalfCheetah's kind of actions (a box, raw in the history and the model
+    input) without its physics: two agents whose next state moves by their own
+    gain times the action; PE-TS fits them and CEM plans on its particles.
+    (The HalfCheetah end to end in tests/test_run_halfcheetah.py runs PerSim
+    only; its MJX programs cost minutes per extra method.)"""
+    rng = np.random.default_rng(0)
+    steps, obs_dim, action_dim = 60, 3, 2
+    obs, action, next_obs, agent = [], [], [], []
+    for a, gain in enumerate((0.5, -0.5)):
+        state = rng.normal(size=obs_dim).astype(np.float32)
+        for _ in range(steps):
+            act = rng.uniform(-1, 1, action_dim).astype(np.float32)
+            after = state + gain * np.pad(act, (0, obs_dim - action_dim))
+            obs.append(state), action.append(act), next_obs.append(after), agent.append(a)
+            state = after
+    transitions = data.make_transitions(np.stack(obs), np.stack(action), np.stack(next_obs),
+                                        np.asarray(agent, np.int32),
+                                        reward=np.zeros(len(obs), np.float32))
+    assert transitions.num_actions is None
+    config = dataclasses.replace(cadm.PE_TS, iterations=1, epochs=1, pairs_per_epoch=512,
+                                 hidden=(16,), encoder_hidden=(16,), batch_size=64)
+    model = cadm.fit(transitions, config, key=jax.random.PRNGKey(0), progress=False)
+    assert (model.num_actions, model.action_dim) == (None, action_dim)
+
+    method = cadm.PETSCaDM(config)
+    dynamics = method.dynamics_for_agent(model, np.arange(2))(0, None)
+    context = dynamics.init(jax.random.PRNGKey(1))
+    context = dynamics.observe(context, transitions.obs[0], transitions.action[0],
+                               transitions.next_obs[0])
+    step = dynamics.dynamics(context)
+    states = jnp.asarray(transitions.obs[:4])
+    low, high = step(states, -jnp.ones((4, action_dim))), step(states, jnp.ones((4, action_dim)))
+    assert low.shape == (config.particles, 4, obs_dim), low.shape   # TS-∞: one member each
+    assert np.all(np.isfinite(low)) and not np.allclose(low, high)   # the action enters
+
+    planner_config = method.planner_config(planning.CEMConfig(
+        action_dim=action_dim, num_samples=16, num_elites=4, horizon=3, num_rounds=1))
+    planner = planning.cem(planner_config, lambda o, a, n: -jnp.sum(n ** 2, axis=-1),
+                           lambda n: jnp.zeros(n.shape[:-1], bool))
+    plan = jax.jit(lambda key, obs, context: planner.plan(key, planner.init(), obs,
+                                                          dynamics.dynamics(context)))
+    chosen, _ = plan(jax.random.PRNGKey(2), transitions.obs[0], context)
+    assert chosen.shape == (action_dim,)
+    assert np.all(np.abs(np.asarray(chosen)) <= 1.0)
