@@ -5,17 +5,18 @@ agents under planner and simulator variants of the quick preset.
         [--variants=quick,samples100,horizon20,rounds5,epochs30] [--table]
 
 Each variant is `python -m experiments.run --env=halfcheetah --preset=quick
---methods=persim --episodes=E` plus its own flags (`VARIANTS`), run as a
-process of its own in one run folder (`--out_dir`), so variants that share a
-simulator reuse its dataset, training and prediction stages, and every
-variant meets the same episode keys (the run's reward keys do not depend on
-the planner). After each variant one JSON line is appended to `--out`: the
-variant, its planner and simulator settings, the model evaluations per plan
-(samples × horizon × rounds × members), every (agent, episode) return, the
-prediction RMSE of its simulator, and the seconds of its reward stage per
-episode (the `true_env` variant also runs True env + MPC, so its seconds are
-both methods'; its returns are `true_env_mpc_returns`). Variants already in `--out` for the same dataset, episodes and seed
-are skipped, so an interrupted sweep resumes.
+--methods=persim --episodes=E --epochs=10` (`BASE`) plus its own flags
+(`VARIANTS`), run as a process of its own in one run folder (`--out_dir`),
+so variants that share a simulator reuse its dataset, training and
+prediction stages, and every variant meets the same episode keys (the run's
+reward keys do not depend on the planner). After each variant one JSON line
+is appended to `--out`: the variant, its planner and simulator settings, the
+model evaluations per plan (samples × horizon × rounds × members), every
+(agent, episode) return, the prediction RMSE of its simulator, and the
+seconds of its reward stage per episode (the `true_env` variant also runs
+True env + MPC, so its seconds are both methods'; its returns are
+`true_env_mpc_returns`). Variants already in `--out` for the same dataset,
+episodes and seed are skipped, so an interrupted sweep resumes.
 
 `--table` prints the recorded rows as a Markdown table; runs nothing.
 """
@@ -32,8 +33,13 @@ from absl import app, flags
 
 from persim_jax.data import atomic_write
 
-# Variant -> experiments.run flags on top of the quick preset (HalfCheetah:
-# CEM 50 samples × horizon 10 × 3 rounds, 10 elites; 100 agents, 10 epochs).
+# Every variant starts from the quick preset as it was when the ablation
+# began: CEM 50 samples × horizon 10 × 3 rounds, 10 elites; 100 agents, 10
+# epochs. (The preset now trains 30 epochs, the `epochs30` variant, which
+# the flags below override; a variant's own flags come after these.)
+BASE = ["--epochs=10"]
+
+# Variant -> experiments.run flags on top of BASE.
 VARIANTS = {
     "quick": [],
     "samples100": ["--candidates=100", "--cem_elites=20"],
@@ -43,6 +49,10 @@ VARIANTS = {
     "agents300": ["--num_agents=300"],
     "samples100_horizon20": ["--candidates=100", "--cem_elites=20", "--horizon=20"],
     "paper_cem": ["--candidates=200", "--cem_elites=50", "--horizon=30", "--cem_rounds=5"],
+    # The members' mean return instead of the paper's worst case: does the
+    # pessimism keep an agent standing still?
+    "aggregation_mean": ["--aggregation=mean"],
+    "epochs30_mean": ["--epochs=30", "--aggregation=mean"],
     # The quick planner on each agent's true physics (MuJoCo's C simulator on
     # a CPU): what the planner earns when the simulator is perfect.
     "true_env": ["--methods=persim,true_env_mpc"],
@@ -140,7 +150,7 @@ def main(argv):
                    f"--dataset={_DATASET.value}", "--preset=quick", *methods,
                    f"--episodes={_EPISODES.value}", f"--seed={_SEED.value}", "--skip=plots",
                    f"--out_dir={_OUT_DIR.value}", f"--data_dir={_DATA_DIR.value}",
-                   *VARIANTS[variant]]
+                   *BASE, *VARIANTS[variant]]
         print(f"[{variant}] {' '.join(command[1:])}", flush=True)
         subprocess.check_call(command)
         path = os.path.join(_OUT_DIR.value, "halfcheetah", _DATASET.value, "results.json")
