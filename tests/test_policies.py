@@ -129,14 +129,6 @@ def test_mountaincar_shaping_is_potential_based():
     assert abs(float(dqn.mechanical_energy(jnp.array([p, v]), gravity)) - energy0) < 1e-3 * abs(energy0)
 
 
-# Issue 5's floor is not yet reached by two pure policies after the 43-minute, 2-core CPU
-# training budget (experiments/policies/halfcheetah.json): pure 2 (agent (0.6, 0.6)) at ~950, and
-# pure 1 (agent (1.4, 0.6)), which scored 2837 in the trainer's final evaluation but stumbles
-# (1160 on average over the three episodes below). A longer (GPU) retrain is due; then empty
-# this tuple.
-HALFCHEETAH_BELOW_FLOOR = (1, 2)
-
-
 @pytest.fixture(scope="module")
 def halfcheetah_returns():
     """(5,) mean returns of the 4 pure and the test HalfCheetah policies over
