@@ -121,7 +121,8 @@ def table(rows: list[dict]) -> str:
                     else f"{np.mean(row['true_env_mpc_returns']):.1f}")
         lines.append(
             f"| {row['variant']} ({row['dataset']}, {row['episodes']} ep.) | "
-            f"{planner['num_samples']} × {planner['horizon']} × {planner['num_rounds'] + 1} | "
+            f"{planner['num_samples']} × {planner['horizon']} × {planner['num_rounds'] + 1}"
+            f"{'' if planner['aggregation'] == 'min' else ', members’ ' + planner['aggregation']} | "
             f"{simulator['num_agents']}, {simulator['epochs']} | "
             f"{row['model_evaluations_per_plan']:,} | {agents} | {row['mean']:.1f} | "
             f"{true_env} | "
