@@ -119,10 +119,13 @@ def table(rows: list[dict]) -> str:
         agents = " | ".join(f"{value:.1f}" for value in row["agent_means"])
         true_env = ("–" if row.get("true_env_mpc_returns") is None
                     else f"{np.mean(row['true_env_mpc_returns']):.1f}")
+        # The paper plans on the members' worst case; another aggregation is named.
+        aggregation = ("" if planner["aggregation"] == "min"
+                       else f", members’ {planner['aggregation']}")
         lines.append(
             f"| {row['variant']} ({row['dataset']}, {row['episodes']} ep.) | "
             f"{planner['num_samples']} × {planner['horizon']} × {planner['num_rounds'] + 1}"
-            f"{'' if planner['aggregation'] == 'min' else ', members’ ' + planner['aggregation']} | "
+            f"{aggregation} | "
             f"{simulator['num_agents']}, {simulator['epochs']} | "
             f"{row['model_evaluations_per_plan']:,} | {agents} | {row['mean']:.1f} | "
             f"{true_env} | "

@@ -98,26 +98,25 @@ PREDICTION_WARMUP = 10
 PREDICTION_HORIZON = 50
 
 # quick: each env × dataset in ≤ 10 min (CartPole, MountainCar) on 2 CPU
-# cores, generation of the dataset included; HalfCheetah's PerSim and True
-# env + MPC ~1.25 h (estimated: PerSim alone measured at 37 min, README),
-# every method several hours. Smaller than the paper in epochs, trials, episodes; HalfCheetah also
-# in agents (100) and planner. HalfCheetah trains 30 epochs: on random, 30
-# against 10 raised PerSim's reward over 3 episodes per agent by more than
-# the episodes' noise, where twice the candidates or the horizon did not
-# (benchmarks/halfcheetah_ablation.py). HalfCheetah plays 3 episodes per test agent
-# (the verdicts need episodes to resample; one agent's episodes agree
-# closely, benchmarks/RESULTS.md) and plans True env + MPC on MuJoCo's C
+# cores, generation of the dataset included; HalfCheetah's PerSim and True env
+# + MPC ~1.25 h (estimated: PerSim alone measured at 37 min, README), every
+# method several hours. Smaller than the paper in epochs, trials, episodes;
+# HalfCheetah also in agents (100) and planner. HalfCheetah trains 30 epochs:
+# on random, 30 against 10 raised PerSim's reward over 3 episodes per agent by
+# more than the episodes' noise, where twice the candidates or the horizon did
+# not (benchmarks/halfcheetah_ablation.py). HalfCheetah plays 3 episodes per
+# test agent (the verdicts need episodes to resample; one agent's episodes
+# agree closely, benchmarks/RESULTS.md) and plans True env + MPC on MuJoCo's C
 # simulator on a CPU (`persim_jax.mujoco_physics`; MJX there plans 11-42x
-# slower), ~6-15 min per 5-agent episode on 2 cores. On agent (0.3, 0.3)
-# that planner exploits the light cheetah's numerically unstable regime
-# (returns up to 158,409; benchmarks/true_env_instability.py), a row to read
-# as such. HalfCheetah plans
-# with a small CEM (50 samples × 3 rounds, horizon 10): at that cost iCEM
-# (`--planner=icem --candidates=46 --horizon=10`) finds plans the learned
-# simulator scores higher but earns less in the true env
-# (`benchmarks.planner_episodes`, benchmarks/RESULTS.md), so the preset keeps CEM. CartPole and
-# MountainCar compress the paper's schedule: the step size halves every
-# quarter of the run (paper: 300 epochs, halved at 150).
+# slower), ~6-15 min per 5-agent episode on 2 cores. On agent (0.3, 0.3) that
+# planner exploits the light cheetah's numerically unstable regime (returns up
+# to 158,409; benchmarks/true_env_instability.py), a row to read as such.
+# HalfCheetah plans with a small CEM (50 samples × 3 rounds, horizon 10): at
+# that cost iCEM (`--planner=icem --candidates=46 --horizon=10`) finds plans
+# the learned simulator scores higher but earns less in the true env
+# (`benchmarks.planner_episodes`, benchmarks/RESULTS.md), so the preset keeps
+# CEM. CartPole and MountainCar compress the paper's schedule: the step size
+# halves every quarter of the run (paper: 300 epochs, halved at 150).
 # The baselines in the quick preset (CartPole, MountainCar): BCQ 5e4 of the
 # paper's 5.5e5 iterations and 20 of its 100 episodes; CaDM 4 of its 100
 # fits, each epoch 5e4 of the ~10^6 (context, transition) pairs, and PE-TS

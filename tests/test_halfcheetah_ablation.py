@@ -34,4 +34,3 @@ def test_a_row_holds_every_episode_and_the_table_prints_it():
     assert "| 50 × 10 × 3 | 100, 30 | 7,500 |" in lines[2]
     assert "| 50 × 10 × 3, members’ mean | 100, 30 |" in lines[3]
     assert lines[3].endswith("| 7.0 | – | 10 |")
-

@@ -12,8 +12,9 @@ from test_run import TINY, check_results
 def test_halfcheetah_end_to_end(tmp_path):
     out_dir, data_dir = str(tmp_path / "out"), str(tmp_path / "data")
     # PerSim alone: each further method adds its own MJX episode and
-    # prediction programs, minutes of compiling on 2 cores. The baselines run end to end on CartPole in test_run.py, and on
-    # continuous actions in test_cadm.py and test_bcq.py.
+    # prediction programs, minutes of compiling on 2 cores. The baselines run
+    # end to end on CartPole in test_run.py, and on continuous actions in
+    # test_cadm.py and test_bcq.py.
     settings = resolve("halfcheetah", "random", "quick",
                        dict(TINY, num_agents=8, candidates=8, horizon=3, cem_rounds=1,
                             cem_elites=3, max_steps=4,
