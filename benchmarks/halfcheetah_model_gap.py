@@ -3,7 +3,7 @@ the plans it makes and of the plans True env + MPC makes, against what the
 real agent earns with them.
 
     python -m benchmarks.halfcheetah_model_gap [--run_dir=runs/quick/halfcheetah/random]
-        [--preset=quick] [--dataset=random] [--steps=1000] [--stride=10] [--seed=0]
+        [--preset=quick] [--dataset=random] [--steps=1000] [--stride=10] [--seed=0] [--data_dir=data]
         [--out=benchmarks/results/halfcheetah_model_gap.json]
 
 For each of the 5 test agents, one episode of PerSim's MPC (the run's
@@ -23,7 +23,14 @@ really earned from t. Averaged over the windows:
 
 Also the one-step RMSE of the simulator's next state (ensemble mean) along
 each episode, and the mean forward velocity (obs[0], the env's reward
-without its control cost) beside the simulator's one-step prediction of it. One JSON file, written atomically at the end.
+without its control cost) beside the simulator's one-step prediction of it.
+And what the run's dataset holds of running: quantiles of the forward
+velocity over its transitions, all agents' and each test agent's own, and
+the share of transitions faster than each agent's mean velocity under True
+env + MPC.
+
+One JSON file, rewritten atomically after each part; a rerun with the same
+settings keeps the episodes it finds and computes the rest.
 """
 
 from __future__ import annotations
@@ -40,6 +47,7 @@ from absl import app, flags
 import envs
 from experiments import config as config_lib
 from experiments import stages
+from experiments.datagen.datasets import dataset_path
 from persim_jax import planning
 from persim_jax.data import atomic_write
 from persim_jax.dynamics import simulator_dynamics_for_agent, true_env_dynamics_for_agent
@@ -53,6 +61,9 @@ _DATASET = flags.DEFINE_string("dataset", "random", "The run's dataset.")
 _STEPS = flags.DEFINE_integer("steps", 1000, "Steps per recorded episode.")
 _STRIDE = flags.DEFINE_integer("stride", 10, "Steps between scored windows.")
 _SEED = flags.DEFINE_integer("seed", 0, "Episode keys.")
+_DATA_DIR = flags.DEFINE_string("data_dir", "data", "Where the run's dataset is cached.")
+_RUN_SEED = flags.DEFINE_integer("run_seed", 0, "The run's seed (experiments.run --seed): "
+                                 "which dataset.")
 _OUT = flags.DEFINE_string("out", os.path.join("benchmarks", "results",
                                                "halfcheetah_model_gap.json"), "JSON file.")
 
@@ -94,6 +105,22 @@ def window_scores(dynamics, env, planner_config, obs, actions, rewards, starts):
     return jax.lax.map(one, starts)
 
 
+def data_coverage(path: str, num_test_agents: int, fast) -> dict:
+    """What the dataset at `path` holds of running: forward-velocity
+    (next obs[0]) quantiles over all transitions and over each test agent's
+    own (units 0..K-1), and for each test agent the share of all transitions
+    faster than `fast[k]` (its mean velocity under True env + MPC)."""
+    with np.load(path) as data:
+        velocity, agent = data["next_observations"][:, 0], data["agent_ids"]
+    quantiles = (0.5, 0.9, 0.99, 1.0)
+    return {"file": path, "transitions": int(velocity.size), "quantiles": list(quantiles),
+            "velocity_quantiles": np.quantile(velocity, quantiles).tolist(),
+            "test_agent_velocity_quantiles": [
+                np.quantile(velocity[agent == k], quantiles).tolist()
+                for k in range(num_test_agents)],
+            "share_faster_than_true_env_mpc": [float(np.mean(velocity > v)) for v in fast]}
+
+
 def main(argv):
     del argv
     env = envs.make("halfcheetah")
@@ -131,19 +158,37 @@ def main(argv):
                         all_alive=jnp.all(alive))
         return jax.jit(jax.vmap(one))(keys, rows, covariates, params)
 
-    record = {"bench": "halfcheetah_model_gap", "run_dir": _RUN_DIR.value,
-              "preset": _PRESET.value, "dataset": _DATASET.value, "seed": _SEED.value,
-              "steps": _STEPS.value, "stride": _STRIDE.value,
-              "planner": stages.planner_description(planner),
-              "covariates": np.asarray(covariates).tolist(), "episodes": {}}
+    settings = {"bench": "halfcheetah_model_gap", "run_dir": _RUN_DIR.value,
+                "preset": _PRESET.value, "dataset": _DATASET.value, "seed": _SEED.value,
+                "steps": _STEPS.value, "stride": _STRIDE.value,
+                "planner": stages.planner_description(planner),
+                "covariates": np.asarray(covariates).tolist()}
+    record = {**settings, "episodes": {}}
+    if os.path.exists(_OUT.value):
+        with open(_OUT.value, encoding="utf-8") as handle:
+            previous = json.load(handle)
+        if all(previous.get(name) == value for name, value in settings.items()):
+            record = {**previous, **settings}
+
+    def save():
+        with atomic_write(_OUT.value, "w") as handle:
+            handle.write(json.dumps(record, indent=1) + "\n")
+
     for name, for_agent in (("persim", persim_for_agent), ("true_env_mpc", true_for_agent)):
+        if name in record["episodes"]:
+            continue
         start = time.time()
         result = jax.tree.map(lambda x: np.asarray(x).tolist(), analyse(for_agent))
         result["seconds"] = round(time.time() - start, 1)
         record["episodes"][name] = result
         print(name, json.dumps(result), flush=True)
-    with atomic_write(_OUT.value, "w") as handle:
-        handle.write(json.dumps(record, indent=1) + "\n")
+        save()
+    record["data"] = data_coverage(
+        dataset_path("halfcheetah", _DATASET.value, data_dir=_DATA_DIR.value,
+                     seed=_RUN_SEED.value, num_agents=config.num_agents),
+        len(covariates), record["episodes"]["true_env_mpc"]["forward_velocity"])
+    print("data", json.dumps(record["data"]), flush=True)
+    save()
     print(f"wrote {_OUT.value}")
 
 
