@@ -395,7 +395,8 @@ def settings_section(preset: str) -> list[str]:
     if preset == "quick":
         lines += ["**The quick cells are indicative, not a reproduction**: one trial (one "
                   "trained model, so no training noise in any interval), a few MPC episodes per "
-                  "agent (HalfCheetah one, so its rewards have no interval at all), fewer epochs, "
+                  "agent (each cell's are in the headline table; a cell of one episode per agent "
+                  "has no reward interval at all), fewer epochs, "
                   "a smaller planner for HalfCheetah and smaller baselines: every bold entry "
                   f"above, {len(departures)} departures in all.", ""]
     else:
