@@ -145,8 +145,7 @@ def main(argv):
             model = persim_for_agent(row, covariates)
             believed, real = window_scores(model, env, planner_config, obs, action, reward,
                                            starts)
-            predicted = jnp.mean(jax.vmap(lambda o, a: model(o[None], a[None])[:, 0])(
-                obs, action), axis=1)                                 # (T, D) members' mean
+            predicted = jnp.mean(model(obs, action), axis=0)          # (T, D) members' mean
             one_step = jnp.sqrt(jnp.mean((predicted - next_obs) ** 2, axis=-1))
             return dict(episode_return=jnp.sum(jnp.where(alive, reward, 0.0)),
                         believed_min=jnp.mean(jnp.min(believed, axis=1)),

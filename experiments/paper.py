@@ -98,9 +98,9 @@ PREDICTION_WARMUP = 10
 PREDICTION_HORIZON = 50
 
 # quick: each env × dataset in ≤ 10 min (CartPole, MountainCar) on 2 CPU
-# cores, generation of the dataset included; HalfCheetah's PerSim and True env
-# + MPC ~1.25 h (estimated: PerSim alone measured at 37 min, README), every
-# method several hours. Smaller than the paper in epochs, trials, episodes;
+# cores, generation of the dataset included; HalfCheetah's PerSim 33-45 min
+# and True env + MPC 28-32 min (the cells' results.json), every method several
+# hours. Smaller than the paper in epochs, trials, episodes;
 # HalfCheetah also in agents (100) and planner. HalfCheetah trains 30 epochs:
 # on random, 30 against 10 raised PerSim's reward over 3 episodes per agent by
 # more than the episodes' noise, where twice the candidates or the horizon did
