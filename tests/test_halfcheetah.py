@@ -345,12 +345,13 @@ def test_batched_step_equals_single_agent_steps(env, batch, batched_step):
     assert batched_obs.shape == (NUM_BATCH_AGENTS, 18) and batched_reward.shape == (NUM_BATCH_AGENTS,)
 
     # Agents alone, through the unbatched jitted `env.step` of the other tests:
-    # 10 spread over the batch.
-    host = jax.tree.map(np.asarray, (state, actions, params))
+    # 10 spread over the batch. Sliced on the device: a NumPy copy would turn
+    # the Python int `params.max_steps_in_episode` into a strongly typed array,
+    # a new signature for the jitted step, which would compile again.
     checked = np.linspace(0, NUM_BATCH_AGENTS - 1, 10).astype(int)
     single_obs, single_reward = [], []
     for i in checked:
-        state_i, action_i, params_i = jax.tree.map(lambda leaf: leaf[i], host)
+        state_i, action_i, params_i = jax.tree.map(lambda leaf: leaf[i], (state, actions, params))
         obs_i, _, reward_i, _, _ = env.step(keys[i], state_i, action_i, params_i)
         single_obs.append(np.asarray(obs_i))
         single_reward.append(np.asarray(reward_i))
