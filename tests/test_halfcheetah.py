@@ -345,8 +345,8 @@ def test_batched_step_equals_single_agent_steps(env, batch, batched_step):
     assert batched_obs.shape == (NUM_BATCH_AGENTS, 18) and batched_reward.shape == (NUM_BATCH_AGENTS,)
 
     # Agents alone, through the unbatched jitted `env.step` of the other tests:
-    # 10 spread over the batch. Sliced on the device: a NumPy copy would turn
-    # the Python int `params.max_steps_in_episode` into a strongly typed array,
+    # 10 spread over the batch. Sliced on the device: a NumPy copy would drop
+    # the weak type of `params.max_steps_in_episode` (a weakly typed int32),
     # a new signature for the jitted step, which would compile again.
     checked = np.linspace(0, NUM_BATCH_AGENTS - 1, 10).astype(int)
     single_obs, single_reward = [], []
