@@ -3,6 +3,7 @@
     python -m experiments.reproduce --preset=quick [--envs=cartpole,mountaincar]
         [--datasets=pure,random] [--methods=all] [--report_only]
     python -m experiments.reproduce --preset=quick --envs=cartpole --datasets=random --verify
+        [--verify_methods=persim]
 
 Each cell (env × dataset) runs as `python -m experiments.run --env=E
 --dataset=D --preset=P --methods=M --out_dir=<out_dir>/<preset>` in a process
@@ -33,6 +34,10 @@ cell its `results.json` and `report.md` are copied to the record,
 folder under `--verify_dir`, a temporary folder by default) and compares every
 number of the new `results.json` with the recorded one, timings aside; the
 outcome is kept beside the cell as `rerun.json` and shown in REPORT.md.
+`--verify_methods=persim` re-runs PerSim alone (the dataset, the simulator,
+its prediction and rewards) and compares every number but those of the
+methods left out, which the outcome names (a HalfCheetah cell's True env +
+MPC costs hours on a CPU and does not depend on the dataset).
 
 The claims and what is measured about them live apart: `experiments.claims`
 checks the claims and finds the departures; the measured notes are data beside
@@ -76,6 +81,9 @@ def define_flags() -> None:
                       "their numbers with the record (writes rerun.json beside each).")
     flags.DEFINE_string("verify_dir", None, "Scratch folder of --verify (kept, so an "
                         "interrupted check resumes); default: a temporary one, removed after.")
+    flags.DEFINE_list("verify_methods", None, "--verify re-runs only these of the recorded "
+                      "methods (PerSim always) and compares everything but the others' "
+                      "numbers; default: every recorded method.")
 
 
 # ---------------------------------------------------------------------------
@@ -199,22 +207,46 @@ def differences(recorded_results, rerun, path: str = "") -> list[str]:
     return [] if recorded_results == rerun else [f"{path or '/'}: {recorded_results!r} != {rerun!r}"]
 
 
-def verify_cell(env: str, dataset: str, preset: str, scratch: str, record_dir: str) -> bool:
+def without_methods(results, names: frozenset[str], path: tuple[str, ...] = ()):
+    """A copy of a results.json tree without the entries of the methods `names`
+    (keyed by a method's name anywhere but in `config`, whose settings are
+    compared whole, and out of `config.methods`, the list of methods run)."""
+    if isinstance(results, dict):
+        return {key: without_methods(value, names, (*path, key)) for key, value in results.items()
+                if path[:1] == ("config",) or key not in names}
+    if isinstance(results, list):
+        if path == ("config", "methods"):
+            return [name for name in results if name not in names]
+        return [without_methods(value, names, path) for value in results]
+    return results
+
+
+def verify_cell(env: str, dataset: str, preset: str, scratch: str, record_dir: str,
+                methods: list[str] | None = None) -> bool:
     """Re-runs a recorded cell under `scratch` (its own dataset cache, run and
-    record folders) with the recorded methods and seed, compares, and writes
-    `rerun.json` beside the recorded cell. True when every number is equal."""
+    record folders) with the recorded methods (or `methods` of them, PerSim
+    always) and seed, compares every number but those of the methods not
+    re-run, and writes `rerun.json` beside the recorded cell. True when every
+    compared number is equal."""
     recorded_results = recorded(record_dir, preset, env, dataset)
     if recorded_results is None:
         print(f"[reproduce] {env} / {dataset}: not recorded, nothing to verify", flush=True)
         return True
-    methods = sorted(recorded_results.get("methods") or {"persim": None})
-    code = run_cell(env, dataset, preset, methods, os.path.join(scratch, "runs"),
+    have = sorted(recorded_results.get("methods") or {"persim": None})
+    missing = sorted(set(methods or ()) - set(have))
+    if missing:
+        raise app.UsageError(f"--verify_methods: {', '.join(missing)} not recorded in "
+                             f"{env} / {dataset} (recorded: {', '.join(have)})")
+    rerun_methods = sorted(set(methods) | {"persim"}) if methods else have
+    skipped = frozenset(have) - set(rerun_methods)
+    code = run_cell(env, dataset, preset, rerun_methods, os.path.join(scratch, "runs"),
                     os.path.join(scratch, "data"), os.path.join(scratch, "record"))
     if code:
         return False
     rerun = recorded(os.path.join(scratch, "record"), preset, env, dataset)
-    found = differences(recorded_results, rerun)
+    found = differences(without_methods(recorded_results, skipped), rerun)
     outcome = {"date": datetime.date.today().isoformat(), "identical": not found,
+               "methods_rerun": rerun_methods, "methods_not_rerun": sorted(skipped),
                "differences": found[:50], "differing_fields": len(found),
                "seconds_recorded": (recorded_results.get("timing_s") or {}).get("total"),
                "seconds_rerun": (rerun.get("timing_s") or {}).get("total"),
@@ -224,6 +256,8 @@ def verify_cell(env: str, dataset: str, preset: str, scratch: str, record_dir: s
     with atomic_write(os.path.join(cell_dir(record_dir, preset, env, dataset), RERUN_FILE)) as handle:
         handle.write((json.dumps(outcome, indent=1) + "\n").encode("utf-8"))
     verdict = "every number identical" if not found else f"{len(found)} fields differ"
+    if skipped:
+        verdict += f" (not re-run: {', '.join(sorted(skipped))})"
     print(f"[reproduce] {env} / {dataset}: re-run from nothing, {verdict}", flush=True)
     for line in found[:10]:
         print(f"  {line}", flush=True)
@@ -241,9 +275,11 @@ def _rerun_mark(record_dir: str, preset: str, results: dict) -> str:
         return report.DASH
     with open(path, encoding="utf-8") as handle:
         outcome = json.load(handle)
+    scope = (f"; not re-run: {', '.join(outcome['methods_not_rerun'])}"
+             if outcome.get("methods_not_rerun") else "")
     if outcome.get("identical"):
-        return f"identical ({outcome.get('date')})"
-    return f"**differs**: {outcome.get('differing_fields')} fields ({outcome.get('date')})"
+        return f"identical ({outcome.get('date')}{scope})"
+    return f"**differs**: {outcome.get('differing_fields')} fields ({outcome.get('date')}{scope})"
 
 
 # Timings that are part of another: dataset generation is inside "dataset".
@@ -442,14 +478,15 @@ def write_report(record_dir: str, preset: str) -> str:
 
 
 def verify_cells(envs: list[str], datasets: list[str], preset: str, record_dir: str,
-                 verify_dir: str | None) -> list[str]:
+                 verify_dir: str | None, methods: list[str] | None = None) -> list[str]:
     """`--verify`: re-runs each recorded cell under `verify_dir` (a temporary
-    folder, removed after, when None); returns the cells that differ or failed."""
+    folder, removed after, when None), with `methods` of its recorded ones
+    (None: all); returns the cells that differ or failed."""
     scratch = verify_dir or tempfile.mkdtemp(prefix="persim_verify_")
     try:
         return [f"{env}/{dataset}" for env in envs for dataset in datasets
                 if not verify_cell(env, dataset, preset, os.path.join(scratch, f"{env}_{dataset}"),
-                                   record_dir)]
+                                   record_dir, methods)]
     finally:
         if verify_dir is None:
             shutil.rmtree(scratch, ignore_errors=True)
@@ -480,13 +517,14 @@ def run_cells(envs: list[str], datasets: list[str], preset: str, methods: list[s
 
 def main(argv):
     del argv
-    unknown = sorted(set(FLAGS.envs) - set(ALL_ENVS)) + sorted(set(FLAGS.datasets) - set(DATASETS))
+    unknown = (sorted(set(FLAGS.envs) - set(ALL_ENVS)) + sorted(set(FLAGS.datasets) - set(DATASETS))
+               + sorted(set(FLAGS.verify_methods or ()) - set(ALL_METHODS)))
     if unknown:
-        raise app.UsageError(f"unknown env(s) / dataset(s): {', '.join(unknown)}")
+        raise app.UsageError(f"unknown env(s) / dataset(s) / method(s): {', '.join(unknown)}")
     failed = []
     if FLAGS.verify:
         failed = verify_cells(FLAGS.envs, FLAGS.datasets, FLAGS.preset, FLAGS.record_dir,
-                              FLAGS.verify_dir)
+                              FLAGS.verify_dir, FLAGS.verify_methods)
     elif not FLAGS.report_only:
         failed = run_cells(FLAGS.envs, FLAGS.datasets, FLAGS.preset, FLAGS.methods,
                            FLAGS.out_dir, FLAGS.data_dir, FLAGS.record_dir)

@@ -8,6 +8,7 @@ import json
 import os
 
 import pytest
+from absl import app
 
 from experiments import claims, report, reproduce
 
@@ -358,3 +359,39 @@ def test_paper_cost_scales_each_stage_by_the_protocols_work():
     assert cost.scale("cartpole", "reward", "pe_ts_cadm", 1e5) == 4 * 5 * 4
     assert cost.scale("cartpole", "reward", "true_env_mpc", 1e5) == 4
     assert cost.scale("cartpole", "prediction", "persim", 1e5) == 5 * 200 / 50
+
+
+def test_verify_methods_reruns_a_subset_and_compares_all_but_the_others(tmp_path, monkeypatch):
+    record = tmp_path / "record"
+    cell = record / "quick" / "mountaincar" / "random"
+    cell.mkdir(parents=True)
+    results = _results(0.01, -120.0, vanilla_cadm=(0.5, -300.0))
+    results["config"].update(methods=["persim", "vanilla_cadm"], epochs=10)
+    (cell / "results.json").write_text(json.dumps(results))
+    calls = []
+
+    def fake_run_cell(env, dataset, preset, methods, out_dir, data_dir, record_dir):
+        calls.append(methods)
+        rerun = reproduce.without_methods(json.loads(json.dumps(results)), frozenset({"vanilla_cadm"}))
+        if len(calls) == 2:
+            rerun["config"]["epochs"] = 11           # a setting is compared whole
+        target = os.path.join(record_dir, preset, env, dataset)
+        os.makedirs(target, exist_ok=True)
+        with open(os.path.join(target, "results.json"), "w") as handle:
+            json.dump(rerun, handle)
+        return 0
+
+    monkeypatch.setattr(reproduce, "run_cell", fake_run_cell)
+    assert reproduce.verify_cell("mountaincar", "random", "quick", str(tmp_path / "s1"),
+                                 str(record), ["persim"])
+    assert calls == [["persim"]]
+    outcome = json.loads((cell / "rerun.json").read_text())
+    assert outcome["methods_not_rerun"] == ["vanilla_cadm"] and outcome["identical"]
+    assert "not re-run: vanilla_cadm" in reproduce.render(str(record), "quick")
+    assert not reproduce.verify_cell("mountaincar", "random", "quick", str(tmp_path / "s2"),
+                                     str(record), ["persim"])
+    assert json.loads((cell / "rerun.json").read_text())["differences"] == [
+        "/config/epochs: 10 != 11"]
+    with pytest.raises(app.UsageError, match="bcq_p not recorded"):
+        reproduce.verify_cell("mountaincar", "random", "quick", str(tmp_path / "s3"),
+                              str(record), ["bcq_p"])
