@@ -267,6 +267,16 @@ def test_differences_ignore_timings_and_name_each_changed_number():
         "/methods/vanilla_cadm/reward/mean[3]: -300.0 != -299.0", "/seed: only in the re-run"]
 
 
+def _write_rerun(record_dir, preset, env, dataset, rerun) -> int:
+    """What a fake `reproduce.run_cell` leaves: the re-run's results.json in
+    its record folder; returns run_cell's exit code."""
+    target = os.path.join(record_dir, preset, env, dataset)
+    os.makedirs(target, exist_ok=True)
+    with open(os.path.join(target, "results.json"), "w") as handle:
+        json.dump(rerun, handle)
+    return 0
+
+
 def test_verify_writes_the_outcome_beside_the_cell_and_the_report_shows_it(tmp_path, monkeypatch):
     record = tmp_path / "record"
     cell = record / "quick" / "mountaincar" / "random"
@@ -281,11 +291,7 @@ def test_verify_writes_the_outcome_beside_the_cell_and_the_report_shows_it(tmp_p
         rerun["timing_s"] = {"train": 1.0, "total": 2.0}
         if len(calls) == 2:
             rerun["methods"]["persim"]["reward"]["mean"][0] = -121.0
-        target = os.path.join(record_dir, preset, env, dataset)
-        os.makedirs(target, exist_ok=True)
-        with open(os.path.join(target, "results.json"), "w") as handle:
-            json.dump(rerun, handle)
-        return 0
+        return _write_rerun(record_dir, preset, env, dataset, rerun)
 
     monkeypatch.setattr(reproduce, "run_cell", fake_run_cell)
     assert reproduce.verify_cell("mountaincar", "random", "quick", str(tmp_path / "s1"), str(record))
@@ -375,11 +381,7 @@ def test_verify_methods_reruns_a_subset_and_compares_all_but_the_others(tmp_path
         rerun = reproduce.without_methods(json.loads(json.dumps(results)), frozenset({"vanilla_cadm"}))
         if len(calls) == 2:
             rerun["config"]["epochs"] = 11           # a setting is compared whole
-        target = os.path.join(record_dir, preset, env, dataset)
-        os.makedirs(target, exist_ok=True)
-        with open(os.path.join(target, "results.json"), "w") as handle:
-            json.dump(rerun, handle)
-        return 0
+        return _write_rerun(record_dir, preset, env, dataset, rerun)
 
     monkeypatch.setattr(reproduce, "run_cell", fake_run_cell)
     assert reproduce.verify_cell("mountaincar", "random", "quick", str(tmp_path / "s1"),
