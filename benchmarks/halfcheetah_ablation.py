@@ -31,6 +31,7 @@ import sys
 import numpy as np
 from absl import app, flags
 
+from experiments import intervals
 from persim_jax.data import atomic_write
 
 # Every variant starts from the quick preset as it was when the ablation
@@ -109,11 +110,29 @@ def row_of(variant: str, results: dict) -> dict:
     }
 
 
+def against_quick(row: dict, rows: list[dict]) -> str:
+    """`row`'s mean − the quick variant's (same dataset, seed and episodes)
+    with the 95 % bootstrap interval over episodes (one trained simulator
+    each side: no training noise), as "38.6 [11.7, 66.0]"; – without one."""
+    quick = next((r for r in rows if r["variant"] == "quick" and all(
+        r[key] == row[key] for key in ("dataset", "seed", "episodes"))), None)
+    if quick is None or row is quick:
+        return "–"
+    if row["returns"] == quick["returns"]:
+        return "0 (the same episodes)"
+    found = intervals.bootstrap_difference(np.asarray(row["returns"])[None],
+                                           np.asarray(quick["returns"])[None],
+                                           num_resamples=10_000)
+    if found.low is None:
+        return f"{found.difference:.1f}"
+    return f"{found.difference:.1f} [{found.low:.1f}, {found.high:.1f}]"
+
+
 def table(rows: list[dict]) -> str:
     lines = ["| variant | samples × horizon × rounds | simulator (agents, epochs) | model evaluations "
-             "per plan | agent 0 | agent 1 | agent 2 | agent 3 | agent 4 | mean | True env + MPC "
-             "mean | s / episode |",
-             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "per plan | agent 0 | agent 1 | agent 2 | agent 3 | agent 4 | mean | mean − quick "
+             "[95 %] | True env + MPC mean | PerSim prediction RMSE | s / episode |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for row in rows:
         planner, simulator = row["planner"], row["simulator"]
         agents = " | ".join(f"{value:.1f}" for value in row["agent_means"])
@@ -128,7 +147,8 @@ def table(rows: list[dict]) -> str:
             f"{aggregation} | "
             f"{simulator['num_agents']}, {simulator['epochs']} | "
             f"{row['model_evaluations_per_plan']:,} | {agents} | {row['mean']:.1f} | "
-            f"{true_env} | "
+            f"{against_quick(row, rows)} | {true_env} | "
+            f"{'–' if row.get('prediction_rmse') is None else format(row['prediction_rmse'], '.3f')} | "
             f"{row['reward_seconds_per_episode']:.0f} |")
     return "\n".join(lines)
 
