@@ -48,6 +48,9 @@ VARIANTS = {
     "rounds5": ["--cem_rounds=4"],
     "epochs30": ["--epochs=30"],
     "agents300": ["--num_agents=300"],
+    # More data and more training together, the direction of the paper's 500
+    # agents and 300 epochs.
+    "agents300_epochs30": ["--num_agents=300", "--epochs=30"],
     "samples100_horizon20": ["--candidates=100", "--cem_elites=20", "--horizon=20"],
     "paper_cem": ["--candidates=200", "--cem_elites=50", "--horizon=30", "--cem_rounds=5"],
     # The members' mean return instead of the paper's worst case: does the

@@ -4,6 +4,7 @@ real agent earns with them.
 
     python -m benchmarks.halfcheetah_model_gap [--run_dir=runs/quick/halfcheetah/random]
         [--preset=quick] [--dataset=random] [--steps=1000] [--stride=10] [--seed=0] [--data_dir=data]
+        [--num_agents=N]
         [--out=benchmarks/results/halfcheetah_model_gap.json]
 
 For each of the 5 test agents, one episode of PerSim's MPC (the run's
@@ -64,6 +65,8 @@ _SEED = flags.DEFINE_integer("seed", 0, "Episode keys.")
 _DATA_DIR = flags.DEFINE_string("data_dir", "data", "Where the run's dataset is cached.")
 _RUN_SEED = flags.DEFINE_integer("run_seed", 0, "The run's seed (experiments.run --seed): "
                                  "which dataset.")
+_NUM_AGENTS = flags.DEFINE_integer("num_agents", None, "The run's agents (experiments.run "
+                                   "--num_agents): which dataset; default the preset's.")
 _OUT = flags.DEFINE_string("out", os.path.join("benchmarks", "results",
                                                "halfcheetah_model_gap.json"), "JSON file.")
 
@@ -160,6 +163,7 @@ def main(argv):
     settings = {"bench": "halfcheetah_model_gap", "run_dir": _RUN_DIR.value,
                 "preset": _PRESET.value, "dataset": _DATASET.value, "seed": _SEED.value,
                 "steps": _STEPS.value, "stride": _STRIDE.value,
+                "num_agents": _NUM_AGENTS.value or config.num_agents,
                 "planner": stages.planner_description(planner),
                 "covariates": np.asarray(covariates).tolist()}
     record = {**settings, "episodes": {}}
@@ -184,7 +188,7 @@ def main(argv):
         save()
     record["data"] = data_coverage(
         dataset_path("halfcheetah", _DATASET.value, data_dir=_DATA_DIR.value,
-                     seed=_RUN_SEED.value, num_agents=config.num_agents),
+                     seed=_RUN_SEED.value, num_agents=_NUM_AGENTS.value or config.num_agents),
         len(covariates), record["episodes"]["true_env_mpc"]["forward_velocity"])
     print("data", json.dumps(record["data"]), flush=True)
     save()
