@@ -128,6 +128,7 @@ def main(argv):
     del argv
     env = envs.make("halfcheetah")
     config = config_lib.resolve("halfcheetah", _DATASET.value, _PRESET.value)
+    num_agents = _NUM_AGENTS.value or config.num_agents          # which dataset the run used
     planner_config = config.planner_config(env)
     planner = stages.planner_for(env, config)
     simulator = Simulator.load(os.path.join(_RUN_DIR.value, "simulator_trial0.msgpack"))
@@ -163,7 +164,7 @@ def main(argv):
     settings = {"bench": "halfcheetah_model_gap", "run_dir": _RUN_DIR.value,
                 "preset": _PRESET.value, "dataset": _DATASET.value, "seed": _SEED.value,
                 "steps": _STEPS.value, "stride": _STRIDE.value,
-                "num_agents": _NUM_AGENTS.value or config.num_agents,
+                "num_agents": num_agents,
                 "planner": stages.planner_description(planner),
                 "covariates": np.asarray(covariates).tolist()}
     record = {**settings, "episodes": {}}
@@ -188,7 +189,7 @@ def main(argv):
         save()
     record["data"] = data_coverage(
         dataset_path("halfcheetah", _DATASET.value, data_dir=_DATA_DIR.value,
-                     seed=_RUN_SEED.value, num_agents=_NUM_AGENTS.value or config.num_agents),
+                     seed=_RUN_SEED.value, num_agents=num_agents),
         len(covariates), record["episodes"]["true_env_mpc"]["forward_velocity"])
     print("data", json.dumps(record["data"]), flush=True)
     save()
