@@ -1,7 +1,7 @@
 """The reproduction record: every env × dataset × method beside the paper's tables.
 
     python -m experiments.reproduce --preset=quick [--envs=cartpole,mountaincar]
-        [--datasets=pure,random] [--methods=all] [--report_only]
+        [--datasets=pure,random] [--methods=all] [--report_only] [--carry_over=true_env_mpc]
     python -m experiments.reproduce --preset=quick --envs=cartpole --datasets=random --verify
         [--verify_methods=persim]
 
@@ -39,6 +39,12 @@ its prediction and rewards) and compares every number but those of the
 methods left out, which the outcome names (a HalfCheetah cell's True env +
 MPC costs hours on a CPU and does not depend on the dataset).
 
+`--carry_over=true_env_mpc` takes the reward of a method that neither trains
+nor reads the dataset from a recorded cell of the same env and preset made
+with the run's test agents, planner, episodes, max steps and seed, instead of
+planning it again; the cell's results.json names what was carried and from
+where ("carried_over"), and its timings leave it out.
+
 The claims and what is measured about them live apart: `experiments.claims`
 checks the claims and finds the departures; the measured notes are data beside
 the record, `experiments/results/notes.json`. The investigations that measured
@@ -62,7 +68,7 @@ from experiments import config as config_lib
 from experiments import claims, paper, report
 from experiments.claims import ALL_ENVS, ALL_METHODS, cell_name, mean_of
 from experiments.datagen.datasets import DATASETS
-from persim_jax.data import atomic_write, jsonable
+from persim_jax.data import atomic_write, jsonable, write_json
 
 FLAGS = flags.FLAGS
 RECORD_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
@@ -81,6 +87,10 @@ def define_flags() -> None:
                       "their numbers with the record (writes rerun.json beside each).")
     flags.DEFINE_string("verify_dir", None, "Scratch folder of --verify (kept, so an "
                         "interrupted check resumes); default: a temporary one, removed after.")
+    flags.DEFINE_list("carry_over", None, "Methods that neither train nor read the dataset "
+                      "(true_env_mpc) whose reward a recorded cell of the same env and preset "
+                      "holds under the key this run computes: seeded into the run's stage "
+                      "cache instead of re-run (they must come from the same code).")
     flags.DEFINE_list("verify_methods", None, "--verify re-runs only these of the recorded "
                       "methods (PerSim always) and compares everything but the others' "
                       "numbers; default: every recorded method.")
@@ -150,11 +160,72 @@ def override_flags(overrides: dict | None) -> list[str]:
     return flags_
 
 
+def carry_over(env_name: str, dataset: str, preset: str, names: list[str], run_dir: str,
+               record_dir: str, overrides: dict | None = None,
+               seed: int = 0) -> dict[str, str]:
+    """Seeds the stage cache of the run in `run_dir` with the recorded reward
+    of each method of `names` that neither trains nor reads the dataset
+    (True env + MPC: its returns depend on the test agents, the planner, the
+    episodes and the seed), taken from a recorded cell of the same env and
+    preset whose test agents, planner, episodes, max steps and seed are the
+    run's (under `overrides` of the preset's settings), so the run reuses it instead of planning again (hours for
+    HalfCheetah on a CPU). The caller vouches that the code computing it has
+    not changed since. Returns {method: the cell it came from}."""
+    import numpy as np                  # the run's modules, only when carrying over
+
+    import envs
+    from experiments import pipeline, stages
+    from experiments.cache import RunDirectory
+    from persim_jax import methods
+    config = config_lib.resolve(env_name, dataset, preset, overrides)
+    env = envs.make(env_name)
+    chosen = pipeline.methods_for(env, dataclasses.replace(config, methods=tuple(names)))
+    planner = stages.planner_for(env, config)
+    agent_ids = np.arange(len(env.test_agents))
+    wanted = {"planner": stages.planner_key(planner), "episodes": config.episodes,
+              "max_steps": config.max_steps, "seed": seed,
+              "test_agents": np.asarray(env.test_agents, np.float32).tolist()}
+    run = RunDirectory(run_dir, force=False)
+    carried = {}
+    for method in chosen:
+        if isinstance(method, methods.Trains) or not isinstance(method, methods.ModelBased):
+            continue
+        for source in [dataset, *(d for d in DATASETS if d != dataset)]:
+            results = recorded(record_dir, preset, env_name, source)
+            row = ((results or {}).get("methods") or {}).get(method.name) or {}
+            if not row.get("reward") or results.get("preset") != preset:
+                continue
+            settings = results.get("config") or {}
+            had = {"planner": {k: v for k, v in (settings.get("planner") or {}).items()
+                               if k != "shard_candidates"},
+                   "episodes": settings.get("episodes"), "max_steps": settings.get("max_steps"),
+                   "seed": results.get("seed"),
+                   "test_agents": np.asarray(results.get("test_agents"), np.float32).tolist()}
+            if had != wanted:
+                continue
+            own, _ = stages.method_planner(method, planner, env)
+            key = stages.reward_key(method, env, own, config, agent_ids, seed, None)
+            run.store(f"reward_{method.name}", key, row["reward"], 0.0)
+            carried[method.name] = f"{preset}/{env_name}/{source}"
+            break
+    return carried
+
+
 def run_cell(env: str, dataset: str, preset: str, methods: list[str], out_dir: str,
-             data_dir: str, record_dir: str, overrides: dict | None = None) -> int:
+             data_dir: str, record_dir: str, overrides: dict | None = None,
+             carried: list[str] | None = None) -> int:
     """Runs one cell (a subprocess; `overrides` of the preset's settings as
-    its flags) and copies its outputs to the record."""
+    its flags) and copies its outputs to the record; `carried` methods are
+    taken from the record where it holds them (`carry_over`), which the
+    cell's results.json names under "carried_over"."""
     work = os.path.join(out_dir, preset)
+    sources = {}
+    if carried:
+        sources = carry_over(env, dataset, preset, carried, os.path.join(work, env, dataset),
+                             record_dir, overrides)
+        print(f"[reproduce] {env} / {dataset}: carried over "
+              f"{', '.join(f'{m} from {c}' for m, c in sources.items()) or 'nothing'}",
+              flush=True)
     command = [sys.executable, "-m", "experiments.run", f"--env={env}", f"--dataset={dataset}",
                f"--preset={preset}", f"--methods={','.join(methods)}", f"--out_dir={work}",
                f"--data_dir={data_dir}", *override_flags(overrides)]
@@ -169,6 +240,12 @@ def run_cell(env: str, dataset: str, preset: str, methods: list[str], out_dir: s
     for name in ("results.json", "report.md"):
         with open(os.path.join(work, env, dataset, name), "rb") as source:
             payload = source.read()
+        if name == "results.json" and sources:
+            results = json.loads(payload)
+            results["carried_over"] = {m: c for m, c in sources.items()
+                                       if m in (results.get("methods") or {})}
+            write_json(os.path.join(target, name), results)
+            continue
         with atomic_write(os.path.join(target, name)) as handle:
             handle.write(payload)
     return 0
@@ -180,7 +257,7 @@ def run_cell(env: str, dataset: str, preset: str, methods: list[str], out_dir: s
 # Fields that measure the machine, not the method: wall-clock seconds.
 # Compared apart: the library versions are not numbers of the run (a record
 # predating them has none), but a difference in them is reported beside.
-UNCOMPARED = frozenset({"timing_s", "train_seconds", "seconds", "libraries"})
+UNCOMPARED = frozenset({"timing_s", "train_seconds", "seconds", "libraries", "carried_over"})
 RERUN_FILE = "rerun.json"
 
 
@@ -506,7 +583,7 @@ def verify_cells(envs: list[str], datasets: list[str], preset: str, record_dir: 
 
 def run_cells(envs: list[str], datasets: list[str], preset: str, methods: list[str],
               out_dir: str, data_dir: str, record_dir: str,
-              overrides: dict | None = None) -> list[str]:
+              overrides: dict | None = None, carried: list[str] | None = None) -> list[str]:
     """Runs each cell not yet recorded under `preset`'s current settings (with
     `overrides`, as `experiments.paper_scale --dry_run` shrinks them),
     rewriting REPORT.md after each; returns the cells that failed."""
@@ -521,7 +598,7 @@ def run_cells(envs: list[str], datasets: list[str], preset: str, methods: list[s
                 print(f"[reproduce] {env} / {dataset}: recorded under other settings "
                       f"({'; '.join(changed)}), re-running", flush=True)
             if run_cell(env, dataset, preset, methods, out_dir, data_dir, record_dir,
-                        overrides=overrides):
+                        overrides=overrides, carried=carried):
                 failed.append(f"{env}/{dataset}")
             write_report(record_dir, preset)
     return failed
@@ -530,7 +607,8 @@ def run_cells(envs: list[str], datasets: list[str], preset: str, methods: list[s
 def main(argv):
     del argv
     unknown = (sorted(set(FLAGS.envs) - set(ALL_ENVS)) + sorted(set(FLAGS.datasets) - set(DATASETS))
-               + sorted(set(FLAGS.verify_methods or ()) - set(ALL_METHODS)))
+               + sorted(set(FLAGS.verify_methods or ()) - set(ALL_METHODS))
+               + sorted(set(FLAGS.carry_over or ()) - set(ALL_METHODS)))
     if unknown:
         raise app.UsageError(f"unknown env(s) / dataset(s) / method(s): {', '.join(unknown)}")
     failed = []
@@ -539,7 +617,8 @@ def main(argv):
                               FLAGS.verify_dir, FLAGS.verify_methods)
     elif not FLAGS.report_only:
         failed = run_cells(FLAGS.envs, FLAGS.datasets, FLAGS.preset, FLAGS.methods,
-                           FLAGS.out_dir, FLAGS.data_dir, FLAGS.record_dir)
+                           FLAGS.out_dir, FLAGS.data_dir, FLAGS.record_dir,
+                           carried=FLAGS.carry_over)
     print(f"[reproduce] {write_report(FLAGS.record_dir, FLAGS.preset)}", flush=True)
     if failed:
         print(f"[reproduce] {'differ or failed' if FLAGS.verify else 'failed'}: "

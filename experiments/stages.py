@@ -167,27 +167,46 @@ def prediction_stage(run: RunDirectory, env, method: methods.Method, trained: li
     return run.store(stage, key, result, time.time() - start)
 
 
+def method_planner(method: methods.Method, planner, env):
+    """(the planner `method` plans with, its description where it is not the
+    run's `planner`, else None): a method may plan with its own objective
+    (CaDM)."""
+    if isinstance(method, methods.ModelBased):
+        config_of_method = method.planner_config(planner.config)
+        if config_of_method != planner.config:
+            own = planning.make_planner(config_of_method, env)
+            return own, planner_description(own)
+    return planner, None
+
+
+def planner_key(planner) -> dict:
+    """The planner's description without where its candidates run
+    (shard_candidates), which does not change the returns
+    (tests/test_evaluation.py): recorded, but not part of the reward key."""
+    return {k: v for k, v in planner_description(planner).items() if k != "shard_candidates"}
+
+
+def reward_key(method: methods.Method, env, planner, config, agent_ids, seed: int,
+               train_key) -> str:
+    """The reward stage's cache key of `method` planning with `planner` (its
+    own, `method_planner`): what its returns depend on."""
+    model_based = isinstance(method, methods.ModelBased)
+    trains = isinstance(method, methods.Trains)
+    return digest({"train": train_key if trains else None, "method": method.name,
+                   "planner": planner_key(planner) if model_based else None,
+                   "episodes": config.episodes if model_based else config.policy_episodes,
+                   "max_steps": config.max_steps, "agents": np.asarray(agent_ids).tolist(),
+                   "seed": seed, **(method.reward_key(env) if model_based else {})})
+
+
 def reward_stage(run: RunDirectory, env, method: methods.Method, trained: list, covariates,
                  agent_ids, planner, config, seed: int, train_key) -> dict:
     """Returns of `method` on the test agents: {mean, std, returns (trials,
     K, E)}, the std over trials (several) or over one trial's episodes."""
     model_based = isinstance(method, methods.ModelBased)
-    own = None
-    if model_based:       # a method may plan with its own objective (CaDM)
-        config_of_method = method.planner_config(planner.config)
-        if config_of_method != planner.config:
-            planner = planning.make_planner(config_of_method, env)
-            own = planner_description(planner)
-    # Where the candidates run (shard_candidates) does not change the returns
-    # (tests/test_evaluation.py): it is recorded but not part of the key.
-    planner_key = ({k: v for k, v in planner_description(planner).items()
-                    if k != "shard_candidates"} if model_based else None)
+    planner, own = method_planner(method, planner, env)
     episodes = config.episodes if model_based else config.policy_episodes
-    trains = isinstance(method, methods.Trains)
-    key = digest({"train": train_key if trains else None, "method": method.name,
-                  "planner": planner_key, "episodes": episodes,
-                  "max_steps": config.max_steps, "agents": agent_ids.tolist(), "seed": seed,
-                  **(method.reward_key(env) if model_based else {})})
+    key = reward_key(method, env, planner, config, agent_ids, seed, train_key)
     stage = f"reward_{method.name}"
     cached = run.cached(stage, key)
     if cached is not None:

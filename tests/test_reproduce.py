@@ -398,3 +398,46 @@ def test_verify_methods_reruns_a_subset_and_compares_all_but_the_others(tmp_path
     with pytest.raises(app.UsageError, match="bcq_p not recorded"):
         reproduce.verify_cell("mountaincar", "random", "quick", str(tmp_path / "s3"),
                               str(record), ["bcq_p"])
+
+
+def test_carry_over_seeds_a_dataset_independent_reward_the_run_then_reuses(tmp_path,
+                                                                          monkeypatch):
+    """True env + MPC recorded in one cell is reused by another cell's run
+    without planning; a record made with other episodes is not carried."""
+    import dataclasses
+
+    import envs
+    import numpy as np
+    from experiments import config as config_lib, pipeline, stages
+    from experiments.cache import RunDirectory
+
+    env = envs.make("mountaincar")
+    config = config_lib.resolve("mountaincar", "random", "quick")
+    planner = stages.planner_for(env, config)
+    results = _results(0.01, -120.0, true_env_mpc=(None, -90.0))
+    results.update(test_agents=env.test_agents.tolist(), seed=0,
+                   config={"planner": stages.planner_description(planner),
+                           "episodes": config.episodes, "max_steps": config.max_steps})
+    record = tmp_path / "record"
+    source = record / "quick" / "mountaincar" / "pure"
+    source.mkdir(parents=True)
+    (source / "results.json").write_text(json.dumps(results))
+
+    run_dir = str(tmp_path / "run")
+    carried = reproduce.carry_over("mountaincar", "random", "quick", ["persim", "true_env_mpc"],
+                                   run_dir, str(record))
+    assert carried == {"true_env_mpc": "quick/mountaincar/pure"}     # PerSim trains: not carried
+
+    def no_planning(*args, **kwargs):
+        raise AssertionError("the carried result was not reused")
+    monkeypatch.setattr(stages, "episode_returns", no_planning)
+    method, = [m for m in pipeline.methods_for(env, dataclasses.replace(
+        config, methods=("true_env_mpc",))) if m.name == "true_env_mpc"]
+    reused = stages.reward_stage(RunDirectory(run_dir, force=False), env, method, [None],
+                                 env.test_agents, np.arange(5), planner, config, 0, "any")
+    assert reused == results["methods"]["true_env_mpc"]["reward"]
+
+    results["config"]["episodes"] = config.episodes + 1
+    (source / "results.json").write_text(json.dumps(results))
+    assert reproduce.carry_over("mountaincar", "random", "quick", ["true_env_mpc"],
+                                str(tmp_path / "other"), str(record)) == {}
