@@ -248,6 +248,9 @@ def run_cell(env: str, dataset: str, preset: str, methods: list[str], out_dir: s
             continue
         with atomic_write(os.path.join(target, name)) as handle:
             handle.write(payload)
+    stale = os.path.join(target, RERUN_FILE)      # a re-run's outcome of the record replaced
+    if os.path.exists(stale):
+        os.remove(stale)
     return 0
 
 

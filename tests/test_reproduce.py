@@ -441,3 +441,29 @@ def test_carry_over_seeds_a_dataset_independent_reward_the_run_then_reuses(tmp_p
     (source / "results.json").write_text(json.dumps(results))
     assert reproduce.carry_over("mountaincar", "random", "quick", ["true_env_mpc"],
                                 str(tmp_path / "other"), str(record)) == {}
+
+
+def test_run_cell_records_the_new_cell_and_drops_the_old_records_rerun(tmp_path, monkeypatch):
+    """A re-recorded cell loses the re-run outcome of the record it replaced."""
+    record = tmp_path / "record"
+    cell = record / "quick" / "mountaincar" / "random"
+    cell.mkdir(parents=True)
+    (cell / "results.json").write_text(json.dumps(_results(0.01, -120.0)))
+    (cell / reproduce.RERUN_FILE).write_text(json.dumps({"identical": True, "date": "old"}))
+    new = _results(0.02, -110.0)
+
+    def fake_run(command):
+        work = next(a.split("=", 1)[1] for a in command if a.startswith("--out_dir="))
+        run = os.path.join(work, "mountaincar", "random")
+        os.makedirs(run, exist_ok=True)
+        with open(os.path.join(run, "results.json"), "w") as handle:
+            json.dump(new, handle)
+        with open(os.path.join(run, "report.md"), "w") as handle:
+            handle.write("# report\n")
+        return 0
+    monkeypatch.setattr(reproduce.subprocess, "call", fake_run)
+    assert reproduce.run_cell("mountaincar", "random", "quick", ["persim"], str(tmp_path / "runs"),
+                              str(tmp_path / "data"), str(record)) == 0
+    assert json.loads((cell / "results.json").read_text()) == new
+    assert not (cell / reproduce.RERUN_FILE).exists()
+    assert reproduce._rerun_mark(str(record), "quick", new) == report.DASH
