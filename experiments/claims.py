@@ -512,6 +512,27 @@ def _standard_errors(row: dict) -> tuple[np.ndarray, str] | None:
     return None
 
 
+def reward_against_paper(results: dict, method: str = "persim") -> intervals.Interval | None:
+    """Our mean reward over the test agents minus the paper's, with the 95 %
+    normal interval from our standard errors (`_standard_errors`: over trials,
+    or one trial's episodes) and the paper's std over its 5 trials / √5; None
+    where either side lacks the row, bounds None where our noise is unmeasured."""
+    ours = report.method_row(results, method, "reward")
+    theirs = (paper.paper_rows(results["env"], results["dataset"])["reward"].get(method)
+              or {})
+    if not ours or None in (theirs.get("mean") or [None]) or None in (theirs.get("std")
+                                                                       or [None]):
+        return None
+    errors = _standard_errors(ours)
+    mine = np.asarray(ours["mean"], np.float64)
+    se = np.full(mine.shape, np.nan) if errors is None else errors[0]
+    over = (f"normal: ours over {'—' if errors is None else errors[1]}, the paper's over its "
+            f"{PAPER_TRIALS} trials")
+    return intervals.normal_difference(mine, se, theirs["mean"],
+                                       np.asarray(theirs["std"]) / math.sqrt(PAPER_TRIALS),
+                                       over=over)
+
+
 def _reward_departure(ours: dict, theirs: dict, labels: list[str]) -> list[str]:
     """Agents whose mean reward differs from the paper's by more than the 95 %
     normal interval of the difference (our standard error, over trials or one

@@ -398,6 +398,17 @@ def cell_sizes(results: dict) -> tuple[str, str]:
             " / ".join(report.DASH if x is None else str(x) for x in sizes))
 
 
+def _against_paper(results: dict) -> str:
+    """"+85.9 [−69.0, 240.8]": PerSim's mean reward minus the paper's and the
+    95 % normal interval (`claims.reward_against_paper`)."""
+    found = claims.reward_against_paper(results)
+    if found is None:
+        return report.DASH
+    if found.low is None:
+        return f"{found.difference:+.1f} (no interval)"
+    return f"{found.difference:+.1f} [{found.low:.1f}, {found.high:.1f}]"
+
+
 def _headline_row(record_dir: str, preset: str, results: dict) -> list[str]:
     rows_paper = paper.paper_rows(results["env"], results["dataset"])
     ours_true = report.method_row(results, "true_env_mpc", "reward")
@@ -408,6 +419,7 @@ def _headline_row(record_dir: str, preset: str, results: dict) -> list[str]:
         report.fixed_digits(report.mean_or_none((rows_paper["prediction"].get("persim") or {}).get("rmse")), 3),
         report.fixed_digits(mean_of(results, "persim", "reward", "mean"), 1),
         report.fixed_digits(report.mean_or_none((rows_paper["reward"].get("persim") or {}).get("mean")), 1),
+        _against_paper(results),
         report.fixed_digits(report.mean_or_none((ours_true or {}).get("mean")), 1),
         report.fixed_digits(report.mean_or_none((rows_paper["true_env_mpc"] or {}).get("mean")), 1),
         str(len(results.get("methods") or {})), *cell_sizes(results),
@@ -417,21 +429,26 @@ def _headline_row(record_dir: str, preset: str, results: dict) -> list[str]:
 
 def _headline_section(record_dir: str, preset: str, cells: list[dict]) -> list[str]:
     header = ["cell", "PerSim RMSE ours", "paper", "PerSim reward ours", "paper",
-              "True env + MPC ours", "paper", "methods", "trials",
+              "ours − paper [95 %]", "True env + MPC ours", "paper", "methods", "trials",
               "episodes per agent: MPC / BCQ / prediction", "stage seconds", "last run seconds",
               "re-run from nothing"]
     rows = [_headline_row(record_dir, preset, results) for results in cells]
     return ["## Headline: means over the 5 test agents", "",
             "No ± here: each cell's section gives the spreads, each saying what it is over. The "
             "paper's numbers are means over its 5 trials of 20 MPC (100 BCQ) episodes per test "
-            "agent and 200 prediction episodes.", "",
+            "agent and 200 prediction episodes. \"ours − paper [95 %]\": PerSim's mean reward "
+            "minus the paper's, with the normal interval from each agent's standard error (ours "
+            "over trials, or over one trial's episodes, episode noise only; the paper's std over "
+            "its 5 trials / √5).", "",
             "Seconds: a cell's stages may have run in several invocations (an interrupted run "
             "resumed, a method added later, a cell re-recorded with its stages cached). Each "
             "stage keeps the seconds of the invocation that did it, so \"stage seconds\" is the "
             "compute that made the record (dataset generation counted once, inside the dataset "
             "stage), while \"last run seconds\" (`timing_s.total`) is the wall time of the last "
             "invocation alone, which reused every stage it found done: the two differ wherever "
-            "stages were reused, and the record does not say which were. The last column: "
+            "stages were reused, and the record does not say which were. A method carried over "
+            "from another cell (`--carry_over`, named in the cell's `carried_over`) counts "
+            "0 s here: its seconds are in the cell it came from. The last column: "
             "`--verify` re-ran the cell from nothing (a new dataset, new training) and compared "
             "every number with the record, timings aside.", "",
             report.markdown_table(header, rows), ""]

@@ -467,3 +467,18 @@ def test_run_cell_records_the_new_cell_and_drops_the_old_records_rerun(tmp_path,
     assert json.loads((cell / "results.json").read_text()) == new
     assert not (cell / reproduce.RERUN_FILE).exists()
     assert reproduce._rerun_mark(str(record), "quick", new) == report.DASH
+
+
+def test_reward_against_the_paper_is_the_difference_of_means_with_both_errors():
+    import math
+
+    from experiments import paper
+    results = _results(0.01, -120.0)
+    theirs = paper.paper_rows("mountaincar", "random")["reward"]["persim"]
+    found = claims.reward_against_paper(results)
+    assert found.difference == pytest.approx(-120.0 - sum(theirs["mean"]) / 5)
+    ours_se = [1.0 / math.sqrt(5)] * 5                  # NOISE's std (ddof 1) is 1, 5 episodes
+    se = math.sqrt(sum(o ** 2 + (t / math.sqrt(5)) ** 2
+                       for o, t in zip(ours_se, theirs["std"]))) / 5
+    assert found.high - found.difference == pytest.approx(1.959964 * se, rel=1e-3)
+    assert claims.reward_against_paper(results, "bcq_a") is None         # no row of ours
