@@ -18,7 +18,9 @@ True env + MPC, so its seconds are both methods'; its returns are
 `true_env_mpc_returns`). Variants already in `--out` for the same dataset,
 episodes and seed are skipped, so an interrupted sweep resumes.
 
-`--table` prints the recorded rows as a Markdown table; runs nothing.
+`--table [--reference=VARIANT] [--table_datasets=D,...]` prints the recorded
+rows as a Markdown table, each row's mean against the reference variant's
+(default quick) on the same dataset; runs nothing.
 """
 
 from __future__ import annotations
@@ -36,9 +38,10 @@ from persim_jax.data import atomic_write
 
 # Every variant starts from the quick preset as it was when the ablation
 # began: CEM 50 samples × horizon 10 × 3 rounds, 10 elites; 100 agents, 10
-# epochs. (The preset now trains 30 epochs, the `epochs30` variant, which
-# the flags below override; a variant's own flags come after these.)
-BASE = ["--epochs=10"]
+# epochs. (The preset now trains 300 agents for 30 epochs, the
+# `agents300_epochs30` variant; the flags below restore the old simulator
+# and a variant's own flags come after them.)
+BASE = ["--num_agents=100", "--epochs=10"]
 
 # Variant -> experiments.run flags on top of BASE.
 VARIANTS = {
@@ -51,6 +54,8 @@ VARIANTS = {
     # More data and more training together, the direction of the paper's 500
     # agents and 300 epochs.
     "agents300_epochs30": ["--num_agents=300", "--epochs=30"],
+    # Twice the training of the preset (300 agents, 30 epochs since 2026-12-08).
+    "agents300_epochs60": ["--num_agents=300", "--epochs=60"],
     "samples100_horizon20": ["--candidates=100", "--cem_elites=20", "--horizon=20"],
     "paper_cem": ["--candidates=200", "--cem_elites=50", "--horizon=30", "--cem_rounds=5"],
     # The members' mean return instead of the paper's worst case: does the
@@ -73,6 +78,10 @@ _DATA_DIR = flags.DEFINE_string("data_dir", "data", "Dataset cache.")
 _OUT = flags.DEFINE_string("out", os.path.join("benchmarks", "results",
                                                "halfcheetah_ablation.jsonl"), "JSON lines.")
 _TABLE = flags.DEFINE_bool("table", False, "Print the recorded rows as a Markdown table.")
+_REFERENCE = flags.DEFINE_string("reference", "quick", "--table: the variant each row's mean is "
+                                 "compared with (same dataset, seed and episodes).")
+_TABLE_DATASETS = flags.DEFINE_list("table_datasets", None, "--table: only these datasets' rows "
+                                    "(default: every row).")
 
 
 def read_rows(path: str) -> list[dict]:
@@ -113,11 +122,12 @@ def row_of(variant: str, results: dict) -> dict:
     }
 
 
-def against_quick(row: dict, rows: list[dict]) -> str:
-    """`row`'s mean − the quick variant's (same dataset, seed and episodes)
-    with the 95 % bootstrap interval over episodes (one trained simulator
-    each side: no training noise), as "38.6 [11.7, 66.0]"; – without one."""
-    quick = next((r for r in rows if r["variant"] == "quick" and all(
+def against(row: dict, rows: list[dict], reference: str = "quick") -> str:
+    """`row`'s mean − the `reference` variant's (same dataset, seed and
+    episodes) with the 95 % bootstrap interval over episodes (one trained
+    simulator each side: no training noise), as "38.6 [11.7, 66.0]"; –
+    without one."""
+    quick = next((r for r in rows if r["variant"] == reference and all(
         r[key] == row[key] for key in ("dataset", "seed", "episodes"))), None)
     if quick is None or row is quick:
         return "–"
@@ -131,9 +141,9 @@ def against_quick(row: dict, rows: list[dict]) -> str:
     return f"{found.difference:.1f} [{found.low:.1f}, {found.high:.1f}]"
 
 
-def table(rows: list[dict]) -> str:
+def table(rows: list[dict], reference: str = "quick") -> str:
     lines = ["| variant | samples × horizon × rounds | simulator (agents, epochs) | model evaluations "
-             "per plan | agent 0 | agent 1 | agent 2 | agent 3 | agent 4 | mean | mean − quick "
+             f"per plan | agent 0 | agent 1 | agent 2 | agent 3 | agent 4 | mean | mean − {reference} "
              "[95 %] | True env + MPC mean | PerSim prediction RMSE | s / episode |",
              "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for row in rows:
@@ -150,7 +160,7 @@ def table(rows: list[dict]) -> str:
             f"{aggregation} | "
             f"{simulator['num_agents']}, {simulator['epochs']} | "
             f"{row['model_evaluations_per_plan']:,} | {agents} | {row['mean']:.1f} | "
-            f"{against_quick(row, rows)} | {true_env} | "
+            f"{against(row, rows, reference)} | {true_env} | "
             f"{'–' if row.get('prediction_rmse') is None else format(row['prediction_rmse'], '.3f')} | "
             f"{row['reward_seconds_per_episode']:.0f} |")
     return "\n".join(lines)
@@ -159,7 +169,9 @@ def table(rows: list[dict]) -> str:
 def main(argv):
     del argv
     if _TABLE.value:
-        print(table(read_rows(_OUT.value)))
+        rows = [r for r in read_rows(_OUT.value)
+                if _TABLE_DATASETS.value is None or r["dataset"] in _TABLE_DATASETS.value]
+        print(table(rows, _REFERENCE.value))
         return
     unknown = [name for name in _VARIANTS.value if name not in VARIANTS]
     if unknown:
