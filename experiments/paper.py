@@ -98,9 +98,10 @@ PREDICTION_WARMUP = 10
 PREDICTION_HORIZON = 50
 
 # quick: each env × dataset in ≤ 10 min (CartPole, MountainCar) on 2 CPU
-# cores, generation of the dataset included; HalfCheetah's PerSim 33-45 min
-# and True env + MPC 28-32 min (the cells' results.json), every method several
-# hours. Smaller than the paper in epochs, trials, episodes;
+# cores, generation of the dataset included; HalfCheetah's PerSim 21-22 min
+# with its 300-agent dataset (the cells' results.json; 35 min with the dataset
+# cached on a slower 2-core machine, benchmarks/RESULTS.md) and True env + MPC
+# 28-32 min (measured in the 100-agent cells), every method several hours. Smaller than the paper in epochs, trials, episodes;
 # HalfCheetah also in agents (300 of 500) and planner. HalfCheetah trains 300
 # agents for 30 epochs: on random, that simulator raised PerSim's reward over
 # 3 episodes per agent by more than the episodes' noise against 100 agents
