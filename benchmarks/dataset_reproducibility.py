@@ -9,7 +9,8 @@ depend on either.
 Each (devices, num_agents) generation runs in its own process (the device
 count is fixed at JAX's start) and appends one JSON line to `--out`: the test
 agents' logged returns, a checksum of their transitions, the library versions
-and the seconds. Lines already in `--out` for the same request are skipped.
+the seconds and the host CPU (`datasets.host_cpu`). Lines already in `--out` for
+the same request on the same kind of CPU are skipped.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ import subprocess
 import sys
 
 from absl import app, flags
+
+from experiments.datagen import datasets
 
 _ENV = flags.DEFINE_string("env", "halfcheetah", "Environment.")
 _DATASET = flags.DEFINE_string("dataset", "random", "Paper dataset.")
@@ -50,16 +53,17 @@ print(json.dumps({"test_agent_return": metadata["stats"]["test_agent_return"],
 
 def main(argv):
     del argv
+    cpu = datasets.host_cpu()
     done = set()
     if os.path.exists(_OUT.value):
         with open(_OUT.value) as handle:
             for line in handle:
                 row = json.loads(line)
                 done.add((row["env"], row["dataset"], row["seed"], row["num_agents"],
-                          row["requested_devices"]))
+                          row["requested_devices"], row.get("cpu")))
     for devices in map(int, _DEVICES.value):
         for num_agents in map(int, _AGENTS.value):
-            request = (_ENV.value, _DATASET.value, _SEED.value, num_agents, devices)
+            request = (_ENV.value, _DATASET.value, _SEED.value, num_agents, devices, cpu)
             if request in done:
                 continue
             environ = dict(os.environ, JAX_NUM_CPU_DEVICES=str(devices))
@@ -68,7 +72,7 @@ def main(argv):
                  str(num_agents)], capture_output=True, text=True, env=environ, check=True)
             row = {"bench": "dataset_reproducibility", "env": _ENV.value,
                    "dataset": _DATASET.value, "seed": _SEED.value, "num_agents": num_agents,
-                   "requested_devices": devices,
+                   "requested_devices": devices, "cpu": cpu,
                    **json.loads(output.stdout.strip().splitlines()[-1])}
             with open(_OUT.value, "a") as handle:      # one whole line per request
                 handle.write(json.dumps(row) + "\n")

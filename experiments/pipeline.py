@@ -81,7 +81,8 @@ def load_dataset(env_name: str | None, dataset: str, config: RunConfig, seed: in
 def dataset_identity(metadata: dict) -> dict:
     """What trained models depend on in a dataset, for the stage keys: the
     file's contents and how it was read (the user's file), or the generation
-    request (the paper's datasets, which our code regenerates bit for bit);
+    request (the paper's datasets, which our code regenerates bit for bit on
+    one software stack and one kind of CPU, the sidecar's `libraries` and `cpu`);
     never where it lies, so that moving a data folder retrains nothing."""
     identity = {k: metadata.get(k) for k in ("sha256", "version", "env", "dataset", "seed",
                                              "num_agents", "policies_sha256")}
@@ -177,6 +178,7 @@ def results_record(*, env_name, env, dataset, preset, seed, covariates, rows, re
         "backend": jax.default_backend(),
         "devices": [str(d) for d in jax.devices()],
         "libraries": datasets.library_versions(),
+        "cpu": datasets.host_cpu(),
     }
 
 

@@ -258,9 +258,12 @@ def run_cell(env: str, dataset: str, preset: str, methods: list[str], out_dir: s
 # Re-runs
 
 # Fields that measure the machine, not the method: wall-clock seconds.
-# Compared apart: the library versions are not numbers of the run (a record
-# predating them has none), but a difference in them is reported beside.
-UNCOMPARED = frozenset({"timing_s", "train_seconds", "seconds", "libraries", "carried_over"})
+# Compared apart: the library versions and the host CPU are not numbers of
+# the run (a record predating them has none), but a difference in them is
+# reported beside: either changes HalfCheetah's datasets (benchmarks/RESULTS.md,
+# "Dataset reproducibility").
+UNCOMPARED = frozenset({"timing_s", "train_seconds", "seconds", "libraries", "cpu",
+                        "carried_over"})
 RERUN_FILE = "rerun.json"
 
 
@@ -344,7 +347,8 @@ def compare_rerun(record_dir: str, preset: str, recorded_results: dict, rerun: d
                "seconds_rerun": (rerun.get("timing_s") or {}).get("total"),
                "backend": rerun.get("backend"), "devices": rerun.get("devices"),
                "libraries_recorded": recorded_results.get("libraries"),
-               "libraries_rerun": rerun.get("libraries")}
+               "libraries_rerun": rerun.get("libraries"),
+               "cpu_recorded": recorded_results.get("cpu"), "cpu_rerun": rerun.get("cpu")}
     with atomic_write(os.path.join(cell_dir(record_dir, preset, env, dataset), RERUN_FILE)) as handle:
         handle.write((json.dumps(outcome, indent=1) + "\n").encode("utf-8"))
     verdict = "every number identical" if not found else f"{len(found)} fields differ"

@@ -58,6 +58,9 @@ def test_shapes_and_covariates(cartpole, cartpole_random_small):
     np.testing.assert_allclose(transitions.covariates[:5], cartpole.test_agents, rtol=1e-6)
     assert metadata["num_transitions"] == t
     assert metadata["paper"] is None      # only for the paper's 500 agents
+    # What the floats depend on besides the request (HalfCheetah's datasets
+    # differ between kinds of CPU): recorded beside the data.
+    assert metadata["cpu"] == datasets.host_cpu() and metadata["libraries"]["jax"]
     # The statistics in the metadata are those of the transitions.
     ours = datasets.transitions_stats(transitions)
     for key in ("test_agent_return", "mean_return", "mean_length"):

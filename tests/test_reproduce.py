@@ -289,6 +289,7 @@ def test_verify_writes_the_outcome_beside_the_cell_and_the_report_shows_it(tmp_p
         calls.append((methods, out_dir, data_dir))
         rerun = json.loads(json.dumps(results))
         rerun["timing_s"] = {"train": 1.0, "total": 2.0}
+        rerun["cpu"] = "another CPU"                  # reported beside, not a difference
         if len(calls) == 2:
             rerun["methods"]["persim"]["reward"]["mean"][0] = -121.0
         return _write_rerun(record_dir, preset, env, dataset, rerun)
@@ -300,6 +301,7 @@ def test_verify_writes_the_outcome_beside_the_cell_and_the_report_shows_it(tmp_p
     assert out_dir.startswith(str(tmp_path / "s1")) and data_dir.startswith(str(tmp_path / "s1"))
     outcome = json.loads((cell / "rerun.json").read_text())
     assert outcome["identical"] and outcome["seconds_rerun"] == 2.0
+    assert (outcome["cpu_recorded"], outcome["cpu_rerun"]) == (None, "another CPU")
     assert "identical (" in reproduce.render(str(record), "quick")
 
     assert not reproduce.verify_cell("mountaincar", "random", "quick", str(tmp_path / "s2"),

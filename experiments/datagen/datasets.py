@@ -260,11 +260,30 @@ def generate(env_name: str, dataset: str, *, seed: int = 0, num_agents: int = NU
         "backend": jax.default_backend(),
         # What the numbers depend on besides the request: HalfCheetah's chaos
         # turns a different float rounding (another XLA version, another
-        # number of agents vmapped together) into different trajectories
+        # number of agents vmapped together, another kind of CPU, for which
+        # XLA generates other code) into different trajectories
         # (benchmarks/RESULTS.md, "Dataset reproducibility").
         "libraries": library_versions(),
+        "cpu": host_cpu(),
     }
     return transitions, metadata
+
+
+def host_cpu() -> str:
+    """The host CPU as XLA's CPU code generation sees it: model name, family
+    and model numbers, and the widest vector ISA ("AMD EPYC; family 26 model
+    2; avx512f"); "unknown" without a readable /proc/cpuinfo."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as handle:
+            first = handle.read().split("\n\n")[0]
+    except OSError:
+        return "unknown"
+    fields = {key.strip(): value.strip() for key, _, value in
+              (line.partition(":") for line in first.splitlines()) if value}
+    flags = set(fields.get("flags", "").split())
+    isa = next((name for name in ("avx512f", "avx2", "avx") if name in flags), "no avx")
+    return (f"{fields.get('model name', '?')}; family {fields.get('cpu family', '?')} "
+            f"model {fields.get('model', '?')}; {isa}")
 
 
 def library_versions() -> dict:
