@@ -168,9 +168,10 @@ def carry_over(env_name: str, dataset: str, preset: str, names: list[str], run_d
     (True env + MPC: its returns depend on the test agents, the planner, the
     episodes and the seed), taken from a recorded cell of the same env and
     preset whose test agents, planner, episodes, max steps and seed are the
-    run's (under `overrides` of the preset's settings), so the run reuses it instead of planning again (hours for
-    HalfCheetah on a CPU). The caller vouches that the code computing it has
-    not changed since. Returns {method: the cell it came from}."""
+    run's (under `overrides` of the preset's settings), so the run reuses it
+    instead of planning again (hours for HalfCheetah on a CPU). The caller
+    vouches that the code computing it has not changed since. Returns
+    {method: the cell it came from}."""
     import numpy as np                  # the run's modules, only when carrying over
 
     import envs
