@@ -518,19 +518,18 @@ def reward_against_paper(results: dict, method: str = "persim") -> intervals.Int
     or one trial's episodes) and the paper's std over its 5 trials / √5; None
     where either side lacks the row, bounds None where our noise is unmeasured."""
     ours = report.method_row(results, method, "reward")
-    theirs = (paper.paper_rows(results["env"], results["dataset"])["reward"].get(method)
-              or {})
-    if not ours or None in (theirs.get("mean") or [None]) or None in (theirs.get("std")
-                                                                       or [None]):
+    theirs = report.method_row(paper_results(results["env"], results["dataset"]), method,
+                               "reward")
+    mine = _finite((ours or {}).get("mean"))
+    paper_means, paper_std = (_finite((theirs or {}).get(k)) for k in ("mean", "std"))
+    if mine is None or paper_means is None or paper_std is None:
         return None
     errors = _standard_errors(ours)
-    mine = np.asarray(ours["mean"], np.float64)
     se = np.full(mine.shape, np.nan) if errors is None else errors[0]
     over = (f"normal: ours over {'—' if errors is None else errors[1]}, the paper's over its "
             f"{PAPER_TRIALS} trials")
-    return intervals.normal_difference(mine, se, theirs["mean"],
-                                       np.asarray(theirs["std"]) / math.sqrt(PAPER_TRIALS),
-                                       over=over)
+    return intervals.normal_difference(mine, se, paper_means,
+                                       paper_std / math.sqrt(PAPER_TRIALS), over=over)
 
 
 def _reward_departure(ours: dict, theirs: dict, labels: list[str]) -> list[str]:
